@@ -1,0 +1,5 @@
+import sys
+
+from opendit.cli import main
+
+sys.exit(main())
