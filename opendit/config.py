@@ -55,7 +55,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hints: dic
         parser.add_argument(*names, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
     elif origin is list:
         (inner,) = typing.get_args(tp)
-        parser.add_argument(*names, nargs="+", type=inner, **kw)
+        parser.add_argument(*names, nargs="+", action="extend", type=inner, **kw)  # repeatable
     else:
         parser.add_argument(*names, type=tp, **kw)
 
