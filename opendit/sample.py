@@ -29,7 +29,6 @@ from opendit.models import STDiT, build_model, load_checkpoint
 logger = logging.getLogger("opendit")
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def default_device() -> torch.device:
@@ -38,11 +37,14 @@ def default_device() -> torch.device:
 
 def parse_dtype(name: str | None, device: torch.device, flag: str = "--dtype") -> torch.dtype:
     """fp16 | bf16 | fp32; None -> fp16 on CUDA (the original's default), fp32 on CPU (fp16 is slow there)."""
+    from opendit.encoders import as_dtype
+
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} ({flag}): choose fp16, bf16 or fp32")
-    return DTYPES[name]
+    try:
+        return as_dtype(name)
+    except ValueError as e:
+        raise ValueError(f"{e} ({flag})") from None
 
 
 #################################################################################

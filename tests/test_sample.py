@@ -93,7 +93,7 @@ def test_pipeline_object(parts):
         (("--text_pretrained_path", "/nope/t5"), "/nope/t5"),
         (("--vae_pretrained_path", "/nope/vae"), "/nope/vae"),
         (("--image_size", "18"), "--image_size H"),
-        (("--dtype", "fp8"), "unknown dtype 'fp8' (--dtype)"),
+        (("--dtype", "fp8"), "unknown dtype 'fp8'"),
         (("--text_max_length", "10"), "shape mismatch for 'y_embedder.y_embedding'"),
     ],
 )

@@ -1,0 +1,5 @@
+"""Diffusion schedulers."""
+
+from opendit.diffusion.iddpm import IDDPM
+
+__all__ = ["IDDPM"]

@@ -1,0 +1,175 @@
+"""Video VAEs: an image AutoencoderKL applied frame by frame (Open-Sora v1.0's SD VAE) and an identity one.
+
+Videos are (B, 3, T, H, W) in [-1, 1]; latents are (B, C, T, H/f, W/f), already multiplied by the VAE's
+scaling factor (0.18215 for the SD VAE) so that they have roughly unit variance, as the diffusion expects.
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
+from einops import rearrange
+from torch import nn
+
+from opendit.encoders.text import as_dtype
+
+
+def _vae_folder(path: str | Path) -> tuple[Path, str | None]:
+    """(folder, subfolder) for an AutoencoderKL folder or a diffusers pipeline folder with `vae/`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VAE folder not found: {path} (--vae_pretrained_path)")
+    if (folder / "config.json").is_file():
+        return folder, None
+    if (folder / "vae" / "config.json").is_file():
+        return folder, "vae"
+    raise FileNotFoundError(f"no config.json in {folder} nor in {folder / 'vae'} (--vae_pretrained_path)")
+
+
+def _check_video(x: torch.Tensor, channels: int, name: str) -> None:
+    if x.ndim != 5 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be (B, {channels}, T, H, W), got shape {tuple(x.shape)}")
+
+
+class VideoAutoencoderKL(nn.Module):
+    """A diffusers AutoencoderKL run on every frame of a video, `micro_batch_size` frames at a time.
+
+    Args:
+        path: an AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema) or a pipeline folder with `vae/`.
+        micro_batch_size: frames per VAE call, bounding activation memory; None runs all frames at once.
+        dtype: weights are loaded in this dtype; inputs are cast to it. Outputs are float32.
+        device: where the VAE runs.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        micro_batch_size: int | None = 4,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        folder, subfolder = _vae_folder(path)
+        self.module = AutoencoderKL.from_pretrained(
+            folder, subfolder=subfolder, torch_dtype=as_dtype(dtype), local_files_only=True
+        )
+        self.module.to(device).eval().requires_grad_(False)
+        config = self.module.config
+        self.micro_batch_size = micro_batch_size
+        self.in_channels: int = config.in_channels
+        self.out_channels: int = config.latent_channels
+        factor = 2 ** (len(config.block_out_channels) - 1)  # one 2x downsample between consecutive blocks
+        self.patch_size: tuple[int, int, int] = (1, factor, factor)
+        self.scaling_factor: float = float(config.scaling_factor)
+        self.shift_factor: float = float(getattr(config, "shift_factor", None) or 0.0)  # SD3/Flux VAEs; 0 for SD
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def _chunks(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return frames.split(self.micro_batch_size or frames.shape[0])
+
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior mean and std of every frame, as float32 ((B T), C, h, w)."""
+        _check_video(x, self.in_channels, "x")
+        frames = rearrange(x, "B C T H W -> (B T) C H W")
+        means, stds = [], []
+        for chunk in self._chunks(frames):
+            dist = self.module.encode(chunk.to(self.device, self.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    @torch.no_grad()
+    def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled posterior (mean, std), each (B, C, T, h, w): `mean + std * randn` is a scaled latent sample."""
+        mean, std = self._moments(x)
+        mean = (mean - self.shift_factor) * self.scaling_factor
+        std = std * self.scaling_factor
+        B = x.shape[0]
+        return (
+            rearrange(mean, "(B T) C H W -> B C T H W", B=B),
+            rearrange(std, "(B T) C H W -> B C T H W", B=B),
+        )
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> scaled latent sample (B, C, T, H/f, W/f), float32.
+
+        The noise is drawn for all frames at once, so a given generator gives the same latents whatever the
+        micro-batch size.
+        """
+        mean, std = self._moments(x)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = (mean + std * noise - self.shift_factor) * self.scaling_factor
+        return rearrange(z, "(B T) C H W -> B C T H W", B=x.shape[0])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, T, h, w) -> video (B, 3, T, h*f, w*f), float32 (roughly in [-1, 1])."""
+        _check_video(z, self.out_channels, "z")
+        latents = rearrange(z, "B C T H W -> (B T) C H W") / self.scaling_factor + self.shift_factor
+        frames = [self.module.decode(c.to(self.device, self.dtype)).sample.float() for c in self._chunks(latents)]
+        return rearrange(torch.cat(frames), "(B T) C H W -> B C T H W", B=z.shape[0])
+
+    def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(T, H, W) of a video -> (T, H/f, W/f) of its latents."""
+        T, H, W = input_size
+        f = self.patch_size[1]
+        if H % f or W % f:
+            raise ValueError(
+                f"video size {H}x{W} is not divisible by the VAE downsampling factor {f}: "
+                f"use a height and width that are multiples of {f}"
+            )
+        return (T, H // f, W // f)
+
+
+class PixelVAE(nn.Module):
+    """Identity "VAE" so tiny models can be trained and sampled directly in pixel space."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.in_channels = channels
+        self.out_channels = channels
+        self.patch_size: tuple[int, int, int] = (1, 1, 1)
+        self.scaling_factor = 1.0
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Returns `x` itself (B, C, T, H, W); `generator` is accepted for interface parity."""
+        _check_video(x, self.in_channels, "x")
+        return x
+
+    def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, 0): the "posterior" is a point mass."""
+        _check_video(x, self.in_channels, "x")
+        return x, torch.zeros_like(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_video(z, self.out_channels, "z")
+        return z
+
+    def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        T, H, W = input_size
+        return (T, H, W)
+
+
+def load_vae(
+    path: str | Path,
+    micro_batch_size: int | None = 4,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+) -> VideoAutoencoderKL | PixelVAE:
+    """"pixel" -> `PixelVAE`; anything else is an AutoencoderKL folder -> `VideoAutoencoderKL`."""
+    if path is None:
+        raise ValueError('no VAE given (--vae_pretrained_path): pass an AutoencoderKL folder or "pixel"')
+    if str(path) == "pixel":
+        return PixelVAE()
+    return VideoAutoencoderKL(path, micro_batch_size=micro_batch_size, dtype=dtype, device=device)
