@@ -193,6 +193,7 @@ class SampleConfig:
     enable_layernorm_kernel: bool | None = field(default=None, metadata={"help": "fused LayerNorm kernel"})
     enable_modulate_kernel: bool | None = field(default=None, metadata={"help": "fused LayerNorm+modulate kernel"})
     text_speedup: bool = field(default=False, metadata={"help": "T5 with fused RMSNorm + SDPA attention"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the transformer blocks"})
     sequence_parallel_size: int = field(default=1, metadata={"help": "GPUs sharing one video's sequence (torchrun)"})
     sequence_parallel_type: str = field(default="dsp", metadata={"help": "dsp | ulysses", "choices": ["dsp", "ulysses"]})
 
@@ -286,6 +287,10 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
     vae = load_vae(s["vae"], dtype=dtype, device=device)
     latent_size = vae.get_latent_size((s["num_frames"], H, W))
     model = build_sampling_model(s, caption_channels, latent_size, vae.out_channels, cfg, device, dtype)
+    if cfg.compile:
+        from opendit.parallel.checkpointing import apply_compile
+
+        apply_compile(model)
     if cfg.sequence_parallel_size > 1:
         from opendit.parallel.sequence import setup_sequence_parallel_sampling
 

@@ -65,7 +65,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(d_model, d_model * 2)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, kv_lens: list[int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
         L = cond.shape[1]
         q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)

@@ -122,7 +122,7 @@ class STDiTBlock(nn.Module):
         return x + self.drop_path(gate[:, None] * x_t)
 
     def cross_mlp(
-        self, x: torch.Tensor, y: torch.Tensor, kv_lens: torch.Tensor | None,
+        self, x: torch.Tensor, y: torch.Tensor, kv_lens: list[int] | None,
         shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
     ) -> torch.Tensor:
         B, T, S, C = x.shape
@@ -133,9 +133,10 @@ class STDiTBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor,
-        kv_lens: torch.Tensor | None = None, tpe: torch.Tensor | None = None,
+        kv_lens: list[int] | None = None, tpe: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, S, C); y (B, L, C) projected captions; t0 (B, 6C) timestep modulation; kv_lens (B,)."""
+        """x (B, T, S, C); y (B, L, C) projected captions; t0 (B, 6C) timestep modulation; kv_lens: caption
+        lengths (valid tokens come first, as T5 masks them)."""
         B = x.shape[0]
         mods = self.scale_shift_table[None] + t0.reshape(B, 6, -1)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # each (B, 1, C)
@@ -224,7 +225,8 @@ class STDiT(nn.Module):
             if mask.shape[0] != y.shape[0]:
                 # CFG batches: the null caption is masked like the prompt it replaces (as in training).
                 mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
-            kv_lens = mask.sum(dim=1)  # (B,)
+            kv_lens = mask.sum(dim=1).tolist()  # one host sync per forward rather than one per block
+            y = y[:, : max(max(kv_lens), 1)]  # padding past the longest caption never enters K/V projections
 
         tpe = None if self.config.no_temporal_pos_emb else self.temporal_pos_embed(T, x)
         for i, block in enumerate(self.blocks):
