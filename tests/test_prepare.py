@@ -1,0 +1,130 @@
+"""`opendit prepare csv|filter|info|synthetic` end to end on tiny files (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from opendit.data.csvfile import read_csv
+from opendit.data.prepare import main
+from opendit.data.video import write_video
+
+
+def frames(num_frames: int, height: int = 32, width: int = 32) -> np.ndarray:
+    return np.full((num_frames, height, width, 3), 90, np.uint8)
+
+
+@pytest.fixture
+def media(tmp_path):
+    """A folder with: two clips captioned by sidecar .txt, one clip captioned only in captions.json, a clip in a
+    subfolder, an image, a corrupt mp4 with a caption and a clip without any caption."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "long.mp4", frames(16, 32, 48), fps=8)
+    (folder / "long.txt").write_text("a long  wide\nclip of the sea\n")
+    write_video(folder / "short.mp4", frames(4), fps=8)
+    (folder / "short.txt").write_text("short")
+    write_video(folder / "tall.mp4", frames(12, 48, 32), fps=8)
+    write_video(folder / "nocaption.mp4", frames(8), fps=8)
+    (folder / "sub").mkdir()
+    write_video(folder / "sub" / "deep.mp4", frames(8), fps=8)
+    (folder / "sub" / "deep.txt").write_text("a clip in a subfolder")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "still.png")
+    (folder / "still.txt").write_text("a black picture")
+    (folder / "broken.mp4").write_bytes(b"\x00junk" * 100)
+    (folder / "broken.txt").write_text("never decodes")
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"tall": "a tall clip from the json file", "short.mp4": "a short clip"}))
+    return folder, captions
+
+
+def test_prepare_csv_reports_undecodable_and_uncaptioned(media, tmp_path, capsys):
+    folder, captions = media
+    out = tmp_path / "out" / "data.csv"
+    assert main(["csv", "--videos", str(folder), "--captions", str(captions), "--out", str(out)]) == 0
+    rows = {r["path"]: r for r in read_csv(out)}
+    assert sorted(rows) == sorted(str(folder / n) for n in ("long.mp4", "short.mp4", "tall.mp4", "still.png"))
+    long_row = rows[str(folder / "long.mp4")]
+    assert long_row == {"path": str(folder / "long.mp4"), "text": "a long wide clip of the sea", "num_frames": 16,
+                        "fps": 8.0, "height": 32, "width": 48}
+    assert rows[str(folder / "short.mp4")]["text"] == "a short clip"  # --captions wins over the sidecar
+    assert rows[str(folder / "tall.mp4")]["text"] == "a tall clip from the json file"
+    assert rows[str(folder / "still.png")]["num_frames"] == 1
+    assert out.read_text().splitlines()[1].startswith("../videos/")  # portable: relative to the CSV
+
+    report = (tmp_path / "out" / "data.csv.report.txt").read_text().splitlines()
+    assert len(report) == 2
+    assert any(line.startswith(str(folder / "broken.mp4")) and "cannot decode" in line for line in report)
+    assert any(line.startswith(str(folder / "nocaption.mp4")) and "no caption" in line for line in report)
+    printed = capsys.readouterr().out
+    assert "wrote 4 rows" in printed and "1 cannot decode" in printed and "1 no caption" in printed
+
+    assert main(["csv", "--videos", str(folder), "--captions", str(captions), "--out", str(out),
+                 "--recursive"]) == 0
+    assert str(folder / "sub" / "deep.mp4") in {r["path"] for r in read_csv(out)}
+
+
+def test_prepare_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["csv", "--videos", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: not a folder (--videos)\n"
+    (tmp_path / "bad.csv").write_text("path,text\na.mp4,\n")
+    assert main(["info", "--data", str(tmp_path / "bad.csv")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'bad.csv'} row 2: empty caption for a.mp4"
+    assert main(["filter", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o.csv"),
+                 "--min_aspect", "2", "--max_aspect", "1"]) == 2
+    assert "--min_aspect 2.0 is larger than --max_aspect 1.0" in capsys.readouterr().err
+    assert main(["synthetic", "--out", str(tmp_path / "s"), "--num", "1", "--size", "31", "32"]) == 2
+    assert "--size must be even" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2  # argparse's own usage error
+
+
+def test_prepare_filter_probes_missing_columns_and_counts_reasons(media, tmp_path, capsys):
+    folder, _ = media
+    # Headerless Open-Sora v1.0 layout: no num_frames/height/width, so filter must probe.
+    data = tmp_path / "plain.csv"
+    data.write_text("videos/long.mp4,a long wide clip of the sea\nvideos/short.mp4,short\n"
+                    "videos/tall.mp4,a tall clip\nvideos/broken.mp4,never decodes\n"
+                    "videos/gone.mp4,a file that is not there\n")
+    out = tmp_path / "filtered" / "kept.csv"
+    assert main(["filter", "--data", str(data), "--out", str(out), "--min_frames", "8", "--max_aspect", "1.2",
+                 "--min_caption_words", "2"]) == 0
+    kept = read_csv(out)
+    assert [r["path"] for r in kept] == [str(folder / "tall.mp4")]
+    assert (kept[0]["num_frames"], kept[0]["height"], kept[0]["width"]) == (12, 48, 32)
+    printed = capsys.readouterr().out
+    assert "kept 1 of 5 rows" in printed
+    for reason in ("removed 1: num_frames < 8", "removed 1: aspect (width/height) > 1.2", "removed 1: cannot decode",
+                   "removed 1: missing file"):
+        assert reason in printed
+
+    assert main(["filter", "--data", str(data), "--out", str(out), "--max_caption_words", "1"]) == 0
+    assert [r["path"] for r in read_csv(out)] == [str(folder / "short.mp4")]  # caption-only filter: no probing
+    assert "removed 4: caption words > 1" in capsys.readouterr().out
+
+
+def test_prepare_info_prints_distributions_and_plots(media, tmp_path, capsys):
+    folder, captions = media
+    data = tmp_path / "data.csv"
+    assert main(["csv", "--videos", str(folder), "--captions", str(captions), "--out", str(data)]) == 0
+    capsys.readouterr()
+    plot = tmp_path / "plots" / "info.png"
+    assert main(["info", "--data", str(data), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 rows: 3 videos, 1 images, 0 unreadable" in printed
+    assert "num_frames     min 4  median 12  max 16" in printed
+    resolutions = next(line for line in printed.splitlines() if line.startswith("  resolutions"))
+    assert all(f"{r} (1)" in resolutions for r in ("32x48", "32x32", "48x32", "20x30"))
+    with Image.open(plot) as image:
+        assert image.size == (720, 800)
+        assert len(image.convert("RGB").getcolors(1 << 16)) > 2  # bars and text were drawn
+
+
+def test_prepare_synthetic_writes_dataset(tmp_path, capsys):
+    assert main(["synthetic", "--out", str(tmp_path / "syn"), "--num", "3", "--seed", "1", "--size", "16", "24",
+                 "--num_frames", "6", "--fps", "4"]) == 0
+    rows = read_csv(tmp_path / "syn" / "data.csv")
+    assert len(rows) == 3 and all((r["num_frames"], r["height"], r["width"]) == (6, 16, 24) for r in rows)
+    assert "wrote 3 clips" in capsys.readouterr().out
