@@ -322,3 +322,16 @@ def test_synthetic_dataset_is_deterministic_and_captions_match(tmp_path):
         found = analyze_clip(frames.numpy())  # colour and motion survive H.264
         assert (found["color"], found["motion"]) == (row_a["color"], row_a["motion"])
     assert len({row["text"] for row in rows_a}) > 6  # varied phrasings
+
+
+def test_write_frame_strip(tmp_path):
+    from opendit.data.video import write_frame_strip
+
+    a = np.zeros((4, 8, 6, 3), dtype=np.uint8)
+    a[:, :, :, 0] = 200
+    b = torch.zeros(3, 2, 8, 6)  # float video in [-1, 1]: mid gray, 2 frames
+    path = write_frame_strip(tmp_path / "strip.png", [a, b], scale=2, gap=1)
+    img = np.asarray(Image.open(path))
+    assert img.shape == (2 * 16 + 1, 4 * 12 + 3, 3)
+    assert tuple(img[0, 0]) == (200, 0, 0) and tuple(img[17, 0]) == (128, 128, 128)
+    assert tuple(img[17, -1]) == (255, 255, 255)  # the second row has only 2 frames

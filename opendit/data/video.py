@@ -266,3 +266,25 @@ def write_gif(path: PathLike, frames: FramesLike, fps: float) -> Path:
     # GIF frame durations are in milliseconds (and players round to 10 ms).
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
     return path
+
+
+def write_frame_strip(path: PathLike, videos: list[FramesLike], scale: int = 1, gap: int = 2) -> Path:
+    """A PNG grid: one row per video, its frames left to right (for READMEs and quick looks).
+
+    ``videos`` as for :func:`write_video` (each uint8 (T, H, W, 3) or float (3, T, H, W)); frames are enlarged
+    ``scale`` times with nearest-neighbour so tiny clips stay crisp.
+    """
+    rows = [to_uint8_video(v) for v in videos]
+    if not rows:
+        raise ValueError(f"{path}: no videos to draw")
+    t = max(r.shape[0] for r in rows)
+    h, w = max(r.shape[1] for r in rows) * scale, max(r.shape[2] for r in rows) * scale
+    canvas = np.full((len(rows) * (h + gap) - gap, t * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, frame in enumerate(row):
+            big = frame.repeat(scale, axis=0).repeat(scale, axis=1)
+            canvas[i * (h + gap): i * (h + gap) + big.shape[0], j * (w + gap): j * (w + gap) + big.shape[1]] = big
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
