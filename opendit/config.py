@@ -122,7 +122,7 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     try:
         if ns.config:
             values.update(load_yaml(ns.config, cls))
-        values.update({k: v for k, v in vars(ns).items() if k != "config"})
+        values.update({k: _coerce(cls, k, v, f"--{k}") for k, v in vars(ns).items() if k != "config"})
         return cls(**values)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"{prog}: error: {e}\n")

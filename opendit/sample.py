@@ -24,7 +24,7 @@ import torch
 
 from opendit.config import parse_config
 from opendit.diffusion import IDDPM
-from opendit.models import STDiT, build_model, load_checkpoint
+from opendit.models import STDiT, STDiTConfig, build_model, load_checkpoint
 
 logger = logging.getLogger("opendit")
 
@@ -223,7 +223,7 @@ def resolve_settings(cfg: SampleConfig) -> dict:
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(f"model checkpoint not found: {path} (--model_pretrained_path)")
     defaults = dict(image_size=(512, 512), num_frames=16, fps=8, num_sampling_steps=100, cfg_scale=7.0,
-                    text_max_length=120, space_scale=1.0, time_scale=1.0, text_encoder=None, vae=None)
+                    text_max_length=120, text_encoder=None, vae=None)
     if folder.is_dir() and (folder / "pipeline.json").is_file():
         defaults.update(read_pipeline_json(folder))
     chosen = lambda flag, key: flag if flag is not None else defaults[key]  # noqa: E731
@@ -238,8 +238,9 @@ def resolve_settings(cfg: SampleConfig) -> dict:
         fps=chosen(cfg.fps, "fps"),
         num_sampling_steps=chosen(cfg.scheduler_num_sampling_steps, "num_sampling_steps"),
         cfg_scale=chosen(cfg.scheduler_cfg_scale, "cfg_scale"),
-        space_scale=chosen(cfg.model_space_scale, "space_scale"),
-        time_scale=chosen(cfg.model_time_scale, "time_scale"),
+        # None: a model folder / run config keeps its own scales; a bare checkpoint gets 1.0
+        space_scale=cfg.model_space_scale,
+        time_scale=cfg.model_time_scale,
     )
     if s["text_encoder"] is None:
         raise ValueError("--text_pretrained_path is required with a released checkpoint (a T5 folder, or 'minilm')")
@@ -250,16 +251,30 @@ def resolve_settings(cfg: SampleConfig) -> dict:
 
 def build_sampling_model(s: dict, caption_channels: int, latent_size: tuple, in_channels: int, cfg: SampleConfig,
                          device: torch.device, dtype: torch.dtype) -> STDiT:
-    kernels = dict(enable_flashattn=cfg.enable_flashattn, enable_layernorm_kernel=cfg.enable_layernorm_kernel,
-                   enable_modulate_kernel=cfg.enable_modulate_kernel)
+    overrides = dict(enable_flashattn=cfg.enable_flashattn, enable_layernorm_kernel=cfg.enable_layernorm_kernel,
+                     enable_modulate_kernel=cfg.enable_modulate_kernel)
+    overrides.update({k: s[k] for k in ("space_scale", "time_scale") if s[k] is not None})
     if s["model_folder"] is not None:  # config.json + safetensors: the folder knows its own shape
-        model = STDiT.from_pretrained(s["model_folder"], space_scale=s["space_scale"], time_scale=s["time_scale"], **kernels)
-    else:
-        model = build_model(cfg.model, input_size=latent_size, in_channels=in_channels,
-                            caption_channels=caption_channels, model_max_length=s["text_max_length"],
-                            space_scale=s["space_scale"], time_scale=s["time_scale"], **kernels)
+        model = STDiT.from_pretrained(s["model_folder"], **overrides)
+    elif (run_config := find_run_model_config(s["checkpoint"])) is not None:  # an ema.pt of one of our runs
+        logger.info(f"model configuration from {run_config}")
+        model = STDiT(STDiTConfig.from_dict({**json.loads(run_config.read_text()), **overrides}))
+        load_checkpoint(model, s["checkpoint"])
+    else:  # a released checkpoint: the preset plus what the encoders and sizes imply
+        model = build_model(cfg.model, **{"space_scale": 1.0, "time_scale": 1.0, **overrides}, input_size=latent_size,
+                            in_channels=in_channels, caption_channels=caption_channels,
+                            model_max_length=s["text_max_length"])
         load_checkpoint(model, s["checkpoint"])
     return model.to(device, dtype).eval()
+
+
+def find_run_model_config(checkpoint: str) -> Path | None:
+    """`model_config.json` of the training run a checkpoint comes from (run/epochE-global_stepS/ema.pt), if any."""
+    path = Path(checkpoint).resolve()
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "model_config.json").is_file():
+            return folder / "model_config.json"
+    return None
 
 
 def sample_main(cfg: SampleConfig) -> list[Path]:

@@ -113,3 +113,21 @@ def test_no_prompt_and_cli_exit_code(parts, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "no prompt given" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_from_a_training_run_ema(parts, tmp_path):
+    """An ema.pt of a custom-size run: the architecture comes from the run's model_config.json."""
+    from opendit.models import STDiT
+
+    run = tmp_path / "000-custom"
+    model = STDiT(input_size=(3, 8, 8), in_channels=4, patch_size=(1, 2, 2), hidden_size=24, depth=1, num_heads=3,
+                  caption_channels=32, model_max_length=L)
+    (run / "epoch0-global_step5").mkdir(parents=True)
+    import json
+
+    (run / "model_config.json").write_text(json.dumps(model.config.to_dict()))
+    torch.save(model.state_dict(), run / "epoch0-global_step5" / "ema.pt")
+    args = flags(parts, tmp_path / "out", "--prompt", "a cat")
+    args[args.index("--model_pretrained_path") + 1] = str(run / "epoch0-global_step5" / "ema.pt")
+    assert main(args) == 0
+    assert (tmp_path / "out" / "sample_0.mp4").exists()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["attention", "sdpa_backends", "sdpa_context", "varlen_cross_attention"]
+__all__ = ["attention", "key_padding_mask", "sdpa_backends", "sdpa_context", "varlen_cross_attention"]
 
 Backends = SDPBackend | Sequence[SDPBackend]
 
@@ -80,6 +80,25 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
+def key_padding_mask(kv_lens: torch.Tensor | Sequence[int], device: torch.device | str) -> tuple[int, torch.Tensor | None]:
+    """Trim length and key mask for captions whose valid tokens come first.
+
+    Returns ``max_len``, the longest caption (keys past it are never needed), and a boolean (B, 1, 1, max_len)
+    mask (True = attend), or None when every caption has that length (SDPA may then pick flash, which takes
+    no mask). Lengths are read on the host once: call this once per forward, not once per layer. A length of
+    0 counts as 1, so no softmax row is all ``-inf`` (NaN); the caller decides what an empty caption means.
+    """
+    lens = torch.as_tensor(kv_lens).detach().to("cpu", torch.long)
+    if bool((lens < 0).any()):
+        raise ValueError(f"kv_lens must lie in [0, max length], got {lens.tolist()}")
+    lens = lens.clamp(min=1)
+    max_len = int(lens.max())
+    if bool((lens == max_len).all()):
+        return max_len, None
+    key_pos = torch.arange(max_len)
+    return max_len, (key_pos < lens[:, None])[:, None, None, :].to(device)  # (B, 1, 1, L')
+
+
 def varlen_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,21 +132,14 @@ def varlen_cross_attention(
     b, _, length, _ = k.shape
     if b == 0:
         return q.new_empty(q.shape[:-1] + v.shape[-1:])
-    # Lengths are checked and maxed on the host: a single device-to-host copy when given a CUDA tensor.
     lens_host = torch.as_tensor(kv_lens).detach().to("cpu", torch.long)
     if lens_host.shape != (b,):
         raise ValueError(f"kv_lens must have shape ({b},), got {tuple(lens_host.shape)}")
-    if bool((lens_host < 0).any()) or bool((lens_host > length).any()):
+    if bool((lens_host > length).any()):
         raise ValueError(f"kv_lens must lie in [0, {length}], got {lens_host.tolist()}")
     has_empty = bool((lens_host == 0).any())
-    safe_lens = lens_host.clamp(min=1)
-    max_len = int(safe_lens.max())
+    max_len, attn_mask = key_padding_mask(lens_host, q.device)
     k, v = k[:, :, :max_len], v[:, :, :max_len]  # (B, H, L', d)
-    attn_mask = None
-    if bool((safe_lens < max_len).any()):
-        # Without a mask (all captions equally long) SDPA may pick flash, which takes no mask.
-        key_pos = torch.arange(max_len, device=q.device)
-        attn_mask = (key_pos < safe_lens.to(q.device)[:, None])[:, None, None, :]  # (B, 1, 1, L')
     out = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, backend=backend)
     if has_empty:
         keep = (lens_host > 0).to(device=out.device, dtype=out.dtype)

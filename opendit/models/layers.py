@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opendit.kernels.attention import attention, sdpa_backends, varlen_cross_attention
+from opendit.kernels.attention import attention, sdpa_backends
 
 
 def approx_gelu() -> nn.Module:
@@ -65,16 +65,14 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(d_model, d_model * 2)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, kv_lens: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C) image tokens; cond (B, L, C) caption tokens; attn_mask (B, 1, 1, L) bool key mask."""
         B, N, C = x.shape
         L = cond.shape[1]
         q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         kv = self.kv_linear(cond).view(B, L, 2, self.num_heads, self.head_dim)  # (B, L, 2, H, d)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
-        if kv_lens is None:
-            x = attention(q, k, v)
-        else:
-            x = varlen_cross_attention(q, k, v, kv_lens)  # (B, H, N, d)
+        x = attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from opendit.kernels import layernorm_modulate
+from opendit.kernels.attention import key_padding_mask
 from opendit.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -122,27 +123,27 @@ class STDiTBlock(nn.Module):
         return x + self.drop_path(gate[:, None] * x_t)
 
     def cross_mlp(
-        self, x: torch.Tensor, y: torch.Tensor, kv_lens: list[int] | None,
+        self, x: torch.Tensor, y: torch.Tensor, cross_mask: torch.Tensor | None,
         shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
     ) -> torch.Tensor:
         B, T, S, C = x.shape
         x = x.reshape(B, T * S, C)
-        x = x + self.cross_attn(x, y, kv_lens)
+        x = x + self.cross_attn(x, y, cross_mask)
         x = x + self.drop_path(gate * self.mlp(self.norm_modulate(x, shift, scale)))
         return x.reshape(B, T, S, C)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor,
-        kv_lens: list[int] | None = None, tpe: torch.Tensor | None = None,
+        cross_mask: torch.Tensor | None = None, tpe: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, S, C); y (B, L, C) projected captions; t0 (B, 6C) timestep modulation; kv_lens: caption
-        lengths (valid tokens come first, as T5 masks them)."""
+        """x (B, T, S, C); y (B, L, C) projected captions; t0 (B, 6C) timestep modulation; cross_mask
+        (B, 1, 1, L) bool caption-key mask or None; tpe (1, T, C) temporal positions (first block only)."""
         B = x.shape[0]
         mods = self.scale_shift_table[None] + t0.reshape(B, 6, -1)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # each (B, 1, C)
         x = self.spatial(x, shift_msa, scale_msa, gate_msa)
         x = self.temporal(x, gate_msa, tpe)
-        return self.cross_mlp(x, y, kv_lens, shift_mlp, scale_mlp, gate_mlp)
+        return self.cross_mlp(x, y, cross_mask, shift_mlp, scale_mlp, gate_mlp)
 
 
 #################################################################################
@@ -220,17 +221,18 @@ class STDiT(nn.Module):
         t = self.t_embedder(timestep, dtype=dtype)  # (B, C)
         t0 = self.t_block(t)  # (B, 6C)
         y = self.y_embedder(y, self.training).squeeze(1)  # (B, L, C)
-        kv_lens = None
+        cross_mask = None
         if mask is not None:
             if mask.shape[0] != y.shape[0]:
                 # CFG batches: the null caption is masked like the prompt it replaces (as in training).
                 mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
-            kv_lens = mask.sum(dim=1).tolist()  # one host sync per forward rather than one per block
-            y = y[:, : max(max(kv_lens), 1)]  # padding past the longest caption never enters K/V projections
+            # Built once per forward (one host sync), not per block; valid caption tokens come first.
+            max_len, cross_mask = key_padding_mask(mask.sum(dim=1), x.device)
+            y = y[:, :max_len]  # padding past the longest caption never enters the K/V projections
 
         tpe = None if self.config.no_temporal_pos_emb else self.temporal_pos_embed(T, x)
         for i, block in enumerate(self.blocks):
-            x = block(x, y, t0, kv_lens, tpe if i == 0 else None)  # temporal positions enter at block 0 only
+            x = block(x, y, t0, cross_mask, tpe if i == 0 else None)  # temporal positions enter at block 0 only
 
         x = self.final_layer(x.reshape(B, T * H * W, -1), t)  # (B, N, prod(patch) * C_out)
         return self.unpatchify(x, T, H, W).float()
