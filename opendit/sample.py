@@ -281,7 +281,14 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
     from opendit.data.video import write_gif, write_video
     from opendit.encoders import load_text_encoder, load_vae
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    dist_info = None
+    if cfg.sequence_parallel_size > 1:  # under torchrun: each rank on its own GPU (LOCAL_RANK)
+        from opendit.parallel import init_distributed
+
+        dist_info = init_distributed()
+        device = dist_info.device
+    else:
+        device = torch.device(cfg.device) if cfg.device else default_device()
     dtype = parse_dtype(cfg.dtype, device)
     prompts = read_prompts(cfg)
     s = resolve_settings(cfg)
@@ -330,6 +337,8 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
             written.append(path)
     if is_main:
         print(f"wrote {len(written)} sample(s) to {save_dir} in {time.time() - t0:.1f}s", flush=True)
+    if dist_info is not None and dist_info.created_group:
+        torch.distributed.destroy_process_group()
     return written
 
 

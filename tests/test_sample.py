@@ -131,3 +131,19 @@ def test_sample_from_a_training_run_ema(parts, tmp_path):
     args[args.index("--model_pretrained_path") + 1] = str(run / "epoch0-global_step5" / "ema.pt")
     assert main(args) == 0
     assert (tmp_path / "out" / "sample_0.mp4").exists()
+
+
+@pytest.mark.parametrize("kind", ["dsp", "ulysses"])
+def test_sequence_parallel_sampling_writes_the_same_video(parts, tmp_path, kind):
+    """torchrun with 2 processes sharing each video's sequence writes the video of a single process."""
+    def args(out, *extra):
+        a = flags(parts, out, "--prompt", "a red car", "--no-gif", *extra)
+        a[a.index("--num_frames") + 1] = "4"  # dsp splits the frames over the 2 ranks
+        return a
+
+    assert main(args(tmp_path / "one")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opendit",
+           "sample", *args(tmp_path / "two", "--sequence_parallel_size", "2", "--sequence_parallel_type", kind)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "two" / "sample_0.mp4").read_bytes() == (tmp_path / "one" / "sample_0.mp4").read_bytes()

@@ -234,7 +234,7 @@ class STDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, y, t0, cross_mask, tpe if i == 0 else None)  # temporal positions enter at block 0 only
 
-        x = self.final_layer(x.reshape(B, T * H * W, -1), t)  # (B, N, prod(patch) * C_out)
+        x = self.final_layer(x.flatten(1, 2), t)  # (B, N, prod(patch) * C_out)
         return self.unpatchify(x, T, H, W).float()
 
     def spatial_pos_embed(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
