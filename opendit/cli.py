@@ -10,6 +10,7 @@ COMMANDS = {
     "sample": ("opendit.sample", "generate videos from text prompts"),
     "prepare": ("opendit.data.prepare", "prepare data: csv | filter | info | synthetic | cache"),
     "launch": ("opendit.launch", "start a multi-node run from a hostfile over ssh"),
+    "export": ("opendit.export", "turn a training checkpoint into a model folder for sampling"),
 }
 
 

@@ -17,8 +17,10 @@ from opendit import train as train_mod
 from opendit.config import parse_config, save_yaml
 from opendit.data import write_csv, write_synthetic_dataset, write_video
 from opendit.ema import EMA
+from opendit.export import main as export_main
 from opendit.models import STDiT, STDiTConfig, load_checkpoint, read_state_dict
 from opendit.parallel import DynamicLossScaler, ParallelDims
+from opendit.sample import main as sample_main
 from opendit.train import TrainConfig
 
 TINY = dict(depth=1, hidden_size=32, num_heads=2, mlp_ratio=2.0, class_dropout_prob=0.0)
@@ -169,7 +171,7 @@ def test_overfit_loss_falls_and_outputs(assets, tmp_path):
     assert train_mod.main(argv(assets, outputs, data_path=two, lr=3e-3, max_steps=30, ckpt_every=30,
                                ema_decay=0.9)) == 0
     (exp,) = experiments(outputs)
-    assert exp.name == "000-STDiT-XL-2"
+    assert exp.name == "000-tiny"  # named after --model_config (a custom size is not the preset)
     curve = [m["loss"] for m in metrics(exp)]
     assert len(curve) == 30
     first, last = sum(curve[:6]) / 6, sum(curve[-6:]) / 6
@@ -191,6 +193,15 @@ def test_overfit_loss_falls_and_outputs(assets, tmp_path):
     assert set(read_state_dict(str(checkpoint / "ema.pt"))) == set(model.state_dict())
     start = initial_model(exp).state_dict()
     assert any(not torch.equal(value, start[name]) for name, value in model.state_dict().items())  # EMA moved
+
+    # exported as a model folder, it samples with no other flag
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported"),
+                        "--num_sampling_steps", "2", "--fps", "4"]) == 0
+    pipeline = json.loads((tmp_path / "exported" / "pipeline.json").read_text())
+    assert pipeline["num_frames"] == 4 and pipeline["image_size"] == [16, 16] and pipeline["vae"] == "pixel"
+    assert sample_main(["--model_pretrained_path", str(tmp_path / "exported"), "--prompt", "a red ball",
+                        "--save_dir", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "sample_0.mp4").exists()
 
     # and it starts a fine-tuning run through --model_pretrained_path (with the run's own model_config.json)
     assert train_mod.main(argv(assets, outputs, max_steps=1, model_pretrained_path=checkpoint / "ema.pt",
