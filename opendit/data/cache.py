@@ -440,12 +440,7 @@ def _build(rank: int, world: int, data: str | os.PathLike, out: Path, vae_path: 
     # ---- 1. the folder: same settings as what is already there (every rank checks, so all of them stop) ------
     previous = None
     if index_path.is_file():
-        try:
-            previous = json.loads(index_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{index_path}: invalid JSON ({e}); delete it to rebuild the index") from None
-        if previous.get("format") != FORMAT:
-            raise DataError(f"{index_path}: not an opendit latent cache index (--out)")
+        previous = _read_index(index_path, "; delete it to rebuild the index (--out)")
         _check_same(previous["settings"], settings, str(index_path), out)
     existing: dict[int, dict[str, Any]] = {}
     for shard in range(num_shards):
@@ -584,6 +579,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Reading a cache
 # --------------------------------------------------------------------------------------------------------------
 
+def _read_index(index_path: Path, hint: str = "") -> dict[str, Any]:
+    """index.json of a cache, refusing files that are not valid JSON or not a cache index."""
+    try:
+        info = json.loads(index_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{index_path}: invalid JSON ({e}){hint}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DataError(f"{index_path}: not an opendit latent cache index{hint}")
+    return info
+
+
 def is_cache(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` is a folder holding an ``index.json`` (complete or not)."""
     return path is not None and (Path(path) / INDEX_FILE).is_file()
@@ -598,12 +604,7 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
                             f"the `opendit prepare cache` command that made it")
         raise DataError(f"{path}: a folder but not a latent cache (no {INDEX_FILE}): pass a dataset CSV, or a "
                         f"cache folder made by `opendit prepare cache`")
-    try:
-        info = json.loads(index_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{index_path}: invalid JSON: {e}") from None
-    if info.get("format") != FORMAT:
-        raise DataError(f"{index_path}: not an opendit latent cache index")
+    info = _read_index(index_path)
     if info.get("version") != VERSION:
         raise DataError(f"{index_path}: cache format version {info.get('version')}, this opendit reads {VERSION}")
     if not info.get("complete"):

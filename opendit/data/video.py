@@ -199,6 +199,18 @@ def to_uint8_video(frames: FramesLike) -> np.ndarray:
     raise ValueError(f"frames must be uint8 (T, H, W, 3) or float (3, T, H, W), got dtype {frames.dtype}")
 
 
+def _prepare_output(path: PathLike, frames: FramesLike, fps: float) -> tuple[Path, np.ndarray]:
+    """Checks shared by the writers; returns the path (its folder created) and uint8 (T, H, W, 3) frames."""
+    path = Path(path)
+    video = to_uint8_video(frames)
+    if video.shape[0] == 0:
+        raise ValueError(f"{path}: no frames to write")
+    if fps <= 0:
+        raise ValueError(f"{path}: fps must be positive, got {fps}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, video
+
+
 def write_video(path: PathLike, frames: FramesLike, fps: float, crf: int = 18) -> Path:
     """Write a clip and return the path actually written.
 
@@ -208,13 +220,7 @@ def write_video(path: PathLike, frames: FramesLike, fps: float, crf: int = 18) -
     the last row/column (and a warning says so). A single frame is written as a ``.png`` next to the requested name; ``.gif`` and ``.png``
     suffixes are honoured.
     """
-    path = Path(path)
-    video = to_uint8_video(frames)
-    if video.shape[0] == 0:
-        raise ValueError(f"{path}: no frames to write")
-    if fps <= 0:
-        raise ValueError(f"{path}: fps must be positive, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, video = _prepare_output(path, frames, fps)
     suffix = path.suffix.lower()
     if suffix == ".gif":
         return write_gif(path, video, fps)
@@ -255,13 +261,7 @@ def write_video(path: PathLike, frames: FramesLike, fps: float, crf: int = 18) -
 
 def write_gif(path: PathLike, frames: FramesLike, fps: float) -> Path:
     """Write a looping GIF with PIL; ``frames`` as for :func:`write_video`. Returns ``path``."""
-    path = Path(path)
-    video = to_uint8_video(frames)
-    if video.shape[0] == 0:
-        raise ValueError(f"{path}: no frames to write")
-    if fps <= 0:
-        raise ValueError(f"{path}: fps must be positive, got {fps}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, video = _prepare_output(path, frames, fps)
     images = [Image.fromarray(image) for image in video]
     # GIF frame durations are in milliseconds (and players round to 10 ms).
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
