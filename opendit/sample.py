@@ -132,7 +132,11 @@ class STDiTPipeline:
                         dtype=torch.float32)
 
         # 4. denoise
-        samples = scheduler.sample(self.model, z, model_kwargs, progress=progress, generator=generator)
+        # Pixel-space models denoise images, which lie in [-1, 1]: clipping the x_0 estimate keeps sampling
+        # stable (as DDPM does for images); latents of a VAE are unbounded and are never clipped.
+        clip = getattr(self.vae, "bounded", False)
+        samples = scheduler.sample(self.model, z, model_kwargs, progress=progress, generator=generator,
+                                   clip_denoised=clip)
 
         # 5. decode
         video = self.vae.decode(samples.to(getattr(self.vae, "dtype", samples.dtype)))

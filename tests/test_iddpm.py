@@ -206,3 +206,23 @@ def test_use_kl_trains_on_the_rescaled_bound():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         IDDPM(**kwargs)
+
+
+def test_clip_denoised_bounds_the_x0_estimate():
+    """Pixel-space sampling clips the x_0 estimate to [-1, 1]; latent sampling (the default) does not."""
+    diffusion = IDDPM(num_sampling_steps=5)
+    x = torch.randn(2, 3, 2, 4, 4) * 5
+    t = torch.full((2,), 4, dtype=torch.long)
+
+    def model(x, t):
+        return torch.cat([-3 * x, torch.zeros_like(x)], dim=1)  # an eps far off: x_0 estimates far outside [-1, 1]
+
+    free = diffusion.p_sample(model, x, t, generator=torch.Generator().manual_seed(0))
+    clipped = diffusion.p_sample(model, x, t, generator=torch.Generator().manual_seed(0), clip_denoised=True)
+    assert free["pred_xstart"].abs().max() > 1
+    assert clipped["pred_xstart"].abs().max() <= 1
+    z = torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    runs = {clip: diffusion.sample(lambda x, t, y: model(x, t), z, {"y": torch.zeros(2)}, progress=False,
+                                   generator=torch.Generator().manual_seed(0), clip_denoised=clip)
+            for clip in (False, True)}
+    assert runs[False].abs().max() > 10 and runs[True].abs().max() < 2  # this model diverges unless clipped

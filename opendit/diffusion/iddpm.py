@@ -370,9 +370,11 @@ class IDDPM:
         t: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1}: "sample" and "pred_xstart". No noise is added at t == 0."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=model_kwargs)
+        """One ancestral step x_t -> x_{t-1}: "sample" and "pred_xstart". No noise is added at t == 0.
+        ``clip_denoised`` clamps the x_0 prediction to [-1, 1] (for pixel-space models, not latents)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero_mask = (t != 0).to(out["mean"].dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
@@ -402,11 +404,12 @@ class IDDPM:
         model_kwargs: dict[str, Any],
         progress: bool = True,
         generator: torch.Generator | None = None,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """Denoise the initial noise ``z`` (n, C, T, H, W) with classifier-free guidance; returns (n, C, T, H, W).
 
         ``model_kwargs["y"]`` holds 2n rows: the n captions, then n null captions. Other entries (e.g. a text
-        mask of n or 2n rows) are passed to the model unchanged.
+        mask of n or 2n rows) are passed to the model unchanged. ``clip_denoised``: see :meth:`p_sample`.
         """
         n = z.shape[0]
         y = model_kwargs.get("y")
@@ -418,7 +421,8 @@ class IDDPM:
         x = torch.cat([z, z], dim=0)  # (2n, C, T, H, W): conditional half, unconditional half
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
             t = torch.full((2 * n,), i, dtype=torch.long, device=z.device)
-            x = self.p_sample(forward, x, t, model_kwargs=model_kwargs, generator=generator)["sample"]
+            x = self.p_sample(forward, x, t, model_kwargs=model_kwargs, generator=generator,
+                              clip_denoised=clip_denoised)["sample"]
         return x[:n]
 
     # ----------------------------------------------------------------- training

@@ -141,6 +141,7 @@ class PixelVAE(nn.Module):
         self.out_channels = channels
         self.patch_size: tuple[int, int, int] = (1, 1, 1)
         self.scaling_factor = 1.0
+        self.bounded = True  # "latents" are images in [-1, 1]: samplers may clip their x_0 estimate
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns `x` itself (B, C, T, H, W); `generator` is accepted for interface parity."""
