@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from opendit.data.synthetic import COLORS, MOTION_PHRASES, MOTIONS, analyze_clip
-from opendit.data.video import read_frames, write_video
+from opendit.data.video import read_frames, write_frame_strip, write_video
 from opendit.sample import BUNDLED_MODEL, STDiTPipeline
 
 
@@ -46,7 +46,7 @@ def evaluate(pipe: STDiTPipeline, colors: list[str], motions: list[str], shape: 
                 path = write_video(Path(tmp) / "clip.mp4", video, fps=d.get("fps", 8))
                 frames = read_frames(path, list(range(d["num_frames"]))).numpy()
                 found = analyze_clip(frames)
-                results.append(dict(prompt=prompt, seed=seed, color=color, motion=motion,
+                results.append(dict(prompt=prompt, seed=seed, color=color, motion=motion, frames=frames,
                                     found_color=found["color"], found_motion=found["motion"]))
     return results
 
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--verbose", action="store_true", help="print every prompt and what was found")
+    p.add_argument("--strip", default=None, help="also write a PNG frame strip of the first seed's videos")
+    p.add_argument("--strip_scale", type=int, default=3, help="pixel enlargement of the strip")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.time()
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"{r['prompt']!r} seed {r['seed']}: found {r['found_color']} / {r['found_motion']}")
     report(results)
+    if args.strip:
+        first = [r for r in results if r["seed"] == args.seeds[0]]
+        write_frame_strip(args.strip, [r["frames"] for r in first], scale=args.strip_scale)
+        print("\nstrip rows: " + "; ".join(r["prompt"] for r in first) + f" -> {args.strip}")
     print(f"\n{time.time() - t0:.0f}s on {torch.get_num_threads()} CPU threads")
     return 0
 
