@@ -176,3 +176,9 @@ def test_xl2_parameter_count_matches_analytic_formula():
     rest = (4 * 4 * C + C) + (256 * C + C + C * C + C) + (6 * C * C + 6 * C) + (text * C + C + C * C + C) \
         + (2 * C + C * patch_out + patch_out)
     assert sum(p.numel() for p in m.parameters()) == depth * block + rest == 759_620_768
+
+
+def test_too_narrow_for_its_patch_warns():
+    with pytest.warns(UserWarning, match="cannot represent per-pixel noise"):
+        STDiT(input_size=(2, 16, 16), in_channels=3, patch_size=(1, 8, 8), hidden_size=128, depth=1, num_heads=4,
+              caption_channels=8, model_max_length=4)

@@ -202,6 +202,10 @@ def test_overfit_loss_falls_and_outputs(assets, tmp_path):
     assert sample_main(["--model_pretrained_path", str(tmp_path / "exported"), "--prompt", "a red ball",
                         "--save_dir", str(tmp_path / "samples")]) == 0
     assert (tmp_path / "samples" / "sample_0.mp4").exists()
+    # the trained (non-EMA) weights too, gathered from the DCP shards
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "raw"), "--weights", "model"]) == 0
+    raw = STDiT.from_pretrained(str(tmp_path / "raw"))
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in raw.state_dict().items())  # not the EMA
 
     # and it starts a fine-tuning run through --model_pretrained_path (with the run's own model_config.json)
     assert train_mod.main(argv(assets, outputs, max_steps=1, model_pretrained_path=checkpoint / "ema.pt",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -70,6 +71,13 @@ class STDiTConfig:
             raise ValueError(f"input_size and patch_size must have 3 entries (T, H, W): {self.input_size}, {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        patch_values = self.patch_size[0] * self.patch_size[1] * self.patch_size[2] * self.in_channels
+        if self.hidden_size < patch_values:
+            # Each token must carry its patch's noise through the network: a narrower model cannot (its noise
+            # prediction error stays near 1 - hidden/values however long it trains).
+            warnings.warn(f"hidden_size {self.hidden_size} is smaller than the {patch_values} values of a patch "
+                          f"({'x'.join(map(str, self.patch_size))} x {self.in_channels} channels): the model cannot "
+                          "represent per-pixel noise; use a smaller patch or a wider model", stacklevel=3)
         if self.freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {self.freeze!r}")
 
