@@ -68,8 +68,10 @@ def build(impl: str, w: Workload, small: bool, device: torch.device) -> tuple[to
     else:
         kw = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=(1, 2, 2))
         caption_channels, L = 4096, 120
-    model = build_model("STDiT-XL/2", **kw, input_size=w.latent, caption_channels=caption_channels,
-                        model_max_length=L).to(device)
+    with torch.device(device):  # initialise on the GPU: 760M parameters take many seconds on the CPU
+        model = build_model("STDiT-XL/2", **kw, input_size=w.latent, caption_channels=caption_channels,
+                            model_max_length=L)
+    model = model.to(device)
     if w.mode == "sample":
         model = model.half() if device.type == "cuda" else model
     net: torch.nn.Module

@@ -90,6 +90,8 @@ class TrainConfig:
     # optimisation
     epochs: int = field(default=1400, metadata={"help": "passes over the data"})
     max_steps: int | None = field(default=None, metadata={"help": "(new) stop after this many optimizer steps"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "(new) save a checkpoint and stop once the loop has run this long (a job's wall-time limit)"})
     batch_size: int = field(default=2, metadata={"help": "clips per process per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "(new) micro-steps per optimizer step"})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant; weight decay 0)"})
@@ -131,6 +133,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"--image_size must be two positive sizes H W, got {self.image_size}")
         if not self.lr > 0:
@@ -318,6 +322,15 @@ def synced_bad_samples(batch: dict, tracker: BadSampleTracker, group: dist.Proce
     return num_good
 
 
+def time_is_up(deadline: float, device: torch.device) -> bool:
+    """Whether any rank has passed `deadline` (time.time()): all ranks then stop after the same step, since
+    clocks and speeds differ and a rank stopping alone would hang the others."""
+    up = torch.tensor([float(time.time() >= deadline)], device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(up, op=dist.ReduceOp.MAX)
+    return bool(up.item())
+
+
 #################################################################################
 #                                      Train                                    #
 #################################################################################
@@ -415,6 +428,8 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
         model.train()  # enables caption dropout, which classifier-free guidance needs
         tracker = BadSampleTracker(cfg.max_bad_fraction)
         max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
+        deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
+        out_of_time = False
         nonfinite_in_a_row, last_saved, window = 0, global_step, dict(loss=0.0, steps=0, samples=0, t=time.time())
         for epoch in range(start_epoch, cfg.epochs):
             if global_step >= max_steps:
@@ -493,7 +508,10 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
                     window = dict(loss=0.0, steps=0, samples=0, t=time.time())
 
                 # ---- checkpoint ---------------------------------------------------------------------------------
-                done = global_step >= max_steps or (epoch == cfg.epochs - 1 and step == first_step + steps - 1)
+                if deadline != math.inf:
+                    out_of_time = time_is_up(deadline, device)
+                done = (global_step >= max_steps or out_of_time
+                        or (epoch == cfg.epochs - 1 and step == first_step + steps - 1))
                 if cfg.ckpt_every > 0 and (global_step % cfg.ckpt_every == 0 or done) and last_saved != global_step:
                     running = dict(epoch=epoch, step=step + 1, global_step=global_step,
                                    sample_start_index=sampler.state_dict()["start_index"],
@@ -502,9 +520,12 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
                     path = save_train_state(experiment_dir, model, optimizer, ema, scaler, running, device)
                     last_saved = global_step
                     logger.info(f"saved checkpoint {path}")
-                if global_step >= max_steps:
+                if global_step >= max_steps or out_of_time:
                     break
             pbar.close()
+            if out_of_time:
+                logger.info(f"--max_minutes {cfg.max_minutes} reached at step {global_step}")
+                break
         logger.info(f"done: {global_step} steps; outputs in {experiment_dir}")
         return experiment_dir
     except Exception:

@@ -231,6 +231,23 @@ def test_resume_continues_exactly(assets, tmp_path):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
 
 
+def test_max_minutes_saves_and_stops(assets, tmp_path, monkeypatch):
+    """--max_minutes: the step that passes the deadline is checkpointed and the run stops; --load goes on."""
+    clock = iter(range(0, 10_000, 50))  # each time.time() call moves 50 s on: the deadline passes after step 2
+    monkeypatch.setattr(train_mod.time, "time", lambda: float(next(clock)))
+    assert train_mod.main(argv(assets, tmp_path / "out", max_steps=None, epochs=100, max_minutes=2.0,
+                               ckpt_every=1000)) == 0
+    (exp,) = experiments(tmp_path / "out")
+    (saved,) = [p for p in exp.iterdir() if "global_step" in p.name]
+    step = json.loads((saved / "running_states.json").read_text())["global_step"]
+    assert 1 <= step < 10 and saved.name.endswith(f"global_step{step}")
+    assert sorted(losses(exp)) == list(range(1, step + 1))
+    assert "--max_minutes 2.0 reached" in (exp / "log.txt").read_text()
+    monkeypatch.undo()
+    assert train_mod.main(argv(assets, tmp_path / "out", max_steps=step + 1, load=saved)) == 0
+    assert sorted(losses(experiments(tmp_path / "out")[1])) == [step + 1]
+
+
 def test_crash_during_save_keeps_previous_checkpoint(assets, tmp_path, monkeypatch):
     """A save that dies half-way leaves a .tmp folder; the previous checkpoint is intact and `--load latest`
     resumes from it."""

@@ -212,8 +212,8 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
 def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float = 1.6) -> dict[str, object]:
     """Recover background, colour and motion of a clip (uint8 (T, H, W, 3)) of one shape on a plain background.
 
-    The background is the median colour of the clip (the shape covers well under half of it), the shape the
-    pixels far from it. Motion: ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x;
+    The background is the median colour of the clip (the shape covers well under half of it; it is named after
+    the nearest palette background), the shape the pixels far from that median colour. Motion: ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x;
     else a translation when its centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and
     comes back by that much; else ``None``. Returns ``{"background", "color", "motion", "centers" (T, 2) (y, x),
     "areas" (T,)}``; colour and motion are ``None`` when no shape is visible in some frame.
@@ -223,8 +223,10 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
         raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
     num_frames, height, width, _ = frames.shape
     pixels = frames.reshape(-1, 3).astype(np.float64)
-    background = _nearest(np.median(pixels, axis=0), BACKGROUNDS)
-    bg = np.asarray(BACKGROUNDS[background], dtype=np.float64)
+    bg = np.median(pixels, axis=0)
+    background = _nearest(bg, BACKGROUNDS)
+    # Distances from the clip's own background colour, not the palette's: a generated "black" background can
+    # come out dark gray, and measured from pure black it would all count as the shape.
     distance = np.abs(frames.astype(np.float64) - bg).sum(-1)  # (T, H, W) L1 distance from the background
     mask = distance > 60
     areas = mask.sum(axis=(1, 2)).astype(np.float64)

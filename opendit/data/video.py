@@ -14,12 +14,14 @@ import logging
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
-import av
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import av
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,15 @@ SEEK_MIN_FRAMES = 32
 
 PathLike = Union[str, os.PathLike]
 FramesLike = Union[torch.Tensor, np.ndarray]
+
+
+def _av():
+    """PyAV, imported on first use: training from a latent cache or sampling to .png needs no video codec."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("reading or writing video needs PyAV: pip install av") from e
+    return av
 
 
 class VideoError(OSError):
@@ -70,6 +81,7 @@ def probe_video(path: PathLike) -> dict:
     seconds). The count comes from the container header; when the header has none (some mkv/webm/avi files) the
     stream is decoded once to count the frames.
     """
+    av = _av()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -101,6 +113,7 @@ def _decode_indexed(container: av.container.InputContainer, stream: av.video.str
     timestamp; otherwise (or when the seek overshoots) we decode from the start and count, which also works for
     files with broken timestamps.
     """
+    av = _av()
     fps = _stream_fps(stream)
     start = stream.start_time or 0
     if first >= SEEK_MIN_FRAMES and fps > 0 and stream.time_base and not str(path).lower().endswith(".gif"):
@@ -132,6 +145,7 @@ def read_frames(path: PathLike, indices: list[int]) -> torch.Tensor:
     Returns a uint8 tensor (T, H, W, 3) in the order of ``indices``. Decoding stops after the largest index, and
     starts at the keyframe before the smallest one when it is far into the file.
     """
+    av = _av()
     if len(indices) == 0:
         raise ValueError(f"{path}: read_frames needs at least one frame index")
     wanted = sorted(set(int(i) for i in indices))
@@ -220,6 +234,7 @@ def write_video(path: PathLike, frames: FramesLike, fps: float, crf: int = 18) -
     the last row/column (and a warning says so). A single frame is written as a ``.png`` next to the requested name; ``.gif`` and ``.png``
     suffixes are honoured.
     """
+    av = _av()
     path, video = _prepare_output(path, frames, fps)
     suffix = path.suffix.lower()
     if suffix == ".gif":

@@ -7,8 +7,6 @@ scaling factor (0.18215 for the SD VAE) so that they have roughly unit variance,
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from torch import nn
 
@@ -52,6 +50,8 @@ class VideoAutoencoderKL(nn.Module):
         super().__init__()
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        from diffusers import AutoencoderKL  # here, so that the pixel VAE and latent caches need no diffusers
+
         folder, subfolder = _vae_folder(path)
         self.module = AutoencoderKL.from_pretrained(
             folder, subfolder=subfolder, torch_dtype=as_dtype(dtype), local_files_only=True
@@ -107,6 +107,8 @@ class VideoAutoencoderKL(nn.Module):
         The noise is drawn for all frames at once, so a given generator gives the same latents whatever the
         micro-batch size.
         """
+        from diffusers.utils.torch_utils import randn_tensor
+
         mean, std = self._moments(x)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = (mean + std * noise - self.shift_factor) * self.scaling_factor

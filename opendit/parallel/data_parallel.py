@@ -55,7 +55,7 @@ def apply_ddp(model: nn.Module, device: torch.device, process_group: dist.Proces
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=process_group,
         # The only buffer (the null caption) never changes: synced once at init, not at every forward.
-        forward_sync_buffers=False,
+        broadcast_buffers=False,
         # Grads alias the all-reduce buckets instead of being copied out of them: less memory, one copy less.
         gradient_as_bucket_view=True,
     )
