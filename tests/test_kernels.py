@@ -342,6 +342,32 @@ def _run_backward_fallback_case() -> dict:
     }
 
 
+def _interpreter_defect() -> str | None:
+    """Why this Triton interpreter cannot run a loop over a runtime bound, or None when it can.
+
+    Seen on the H100 image (triton 3.6 with numpy 2.5): the interpreter turns scalar arguments into 1-element
+    arrays and ``range()`` over one fails with "only 0-dimensional arrays can be converted to Python scalars".
+    Compiled kernels are unaffected; the GPU tests cover them there.
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out, n):
+        acc = 0.0
+        for _ in range(0, n):
+            acc += 1.0
+        tl.store(out, acc)
+
+    out = torch.zeros(1)
+    try:
+        probe[(1,)](out, 3)
+    except Exception as e:  # noqa: BLE001 -- any failure of the probe means the same: no interpreter tests
+        return f"triton {triton.__version__} interpreter with numpy {numpy.__version__}: {e!r}"[:300]
+    return None if out.item() == 3.0 else f"triton {triton.__version__} interpreter: probe gave {out.item()}"
+
+
 def _interpret_main() -> None:
     """Entry point of the subprocess: every case, one JSON object on stdout."""
     # Any fallback warning would hide a kernel bug behind the torch path: make it an error.
@@ -349,6 +375,10 @@ def _interpret_main() -> None:
     warnings.filterwarnings("error", message=".*Triton LayerNorm.*")
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results: dict[str, dict] = {}
+    broken = _interpreter_defect()
+    if broken:
+        print("RESULTS " + json.dumps({"interpreter_defect": broken}))
+        return
     for name, spec in INTERPRET_CASES.items():
         try:
             results[name] = _run_interpret_case(spec)
@@ -373,7 +403,10 @@ def interpret_results() -> dict[str, dict]:
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"interpreter subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    results = json.loads(lines[-1][len("RESULTS "):])
+    if "interpreter_defect" in results:
+        pytest.skip(f"the Triton interpreter here cannot run the kernels: {results['interpreter_defect']}")
+    return results
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
