@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 
 import pytest
@@ -31,11 +32,6 @@ ATOL = 1e-5
 #                                   Helpers                                     #
 #################################################################################
 
-
-# These mp.spawn'ed gloo runs abort intermittently (a child dies with SIGABRT, about one run in three of this file
-# on the shared 2-core machine; not yet diagnosed, a teardown barrier did not remove it). Until that is found they
-# run with `make test-all`; default CI covers sequence parallelism end to end through torchrun in test_sample.py.
-pytestmark = pytest.mark.slow
 
 def tiny(seed: int = 0, **kw) -> STDiT:
     """A 2-block STDiT; the zero-initialised weights (new branches, final layer, biases) are made random, else
@@ -73,14 +69,30 @@ def spawn(fn, world: int, *args) -> None:  # noqa: ANN001
 
 
 def _worker(rank: int, world: int, store: str, fn, args: tuple) -> None:  # noqa: ANN001
+    """One rank: ``fn`` between process-group setup and teardown, then the process ends *without* interpreter
+    finalization, because finalizing is what aborts it.
+
+    ``destroy_process_group`` only unregisters the groups; a gloo backend and its worker threads
+    (``pt_gloo_runloop``) live on while anything references the group: the models ``fn`` built (sequence-parallel
+    hooks, ulysses' ``attn.forward`` partial, DDP), and torch's own DTensor sharding caches after FSDP2, which
+    keep device meshes and their groups until the process ends. A worker thread finishes a collective, then
+    drops its work, whose tensors' Python objects the C++ side may own (the last work can also be the barrier's,
+    which holds references to the collectives before it): that needs the GIL. Once the main thread has started
+    finalizing, CPython ends any thread taking the GIL with pthread_exit; the unwind runs into the work's noexcept
+    destructor and std::terminate aborts the process ("terminate called without an active exception", SIGABRT).
+    The window is the few ms between the last collective and the end of the process: intermittent.
+    A failure in ``fn`` still exits through torch's wrapper, which records the traceback first.
+    """
     torch.set_num_threads(1)  # 2 to 4 processes share 2 cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-        # No rank tears its gloo pairs down while a peer still has collectives in flight (that aborts the peer).
-        dist.barrier()
+        dist.barrier()  # every rank is done with its collectives before any closes its connections
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 #################################################################################
