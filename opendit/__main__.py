@@ -1,5 +1,3 @@
-import sys
+from opendit.cli import run
 
-from opendit.cli import main
-
-sys.exit(main())
+run()

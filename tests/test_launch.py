@@ -114,3 +114,18 @@ def test_two_local_nodes_train(tmp_path, capsys):
     assert "2 data-parallel x 1 sequence-parallel" in (experiment / "log.txt").read_text()
     assert len((experiment / "metrics.jsonl").read_text().splitlines()) == 2
     assert (experiment / "epoch0-global_step2" / "rng_rank1.pt").is_file()
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_command_line_exit_codes_and_output_survive_the_fast_exit(world_size):
+    """Under torchrun (WORLD_SIZE > 1) the CLI ends with os._exit (see opendit.cli.exit_process): the exit code and
+    everything printed must still come out."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-m", "opendit", "--version"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("opendit ")
+    bad = subprocess.run([sys.executable, "-m", "opendit", "nonsense"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'nonsense'" in bad.stderr

@@ -10,9 +10,8 @@ It also runs as a single process without torchrun. ``python scripts/opensora/tra
 the flags.
 """
 
-import sys
-
+from opendit.cli import exit_process
 from opendit.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main() or 0)
