@@ -325,10 +325,12 @@ def synced_bad_samples(batch: dict, tracker: BadSampleTracker, group: dist.Proce
 def time_is_up(deadline: float, device: torch.device) -> bool:
     """Whether any rank has passed `deadline` (time.time()): all ranks then stop after the same step, since
     clocks and speeds differ and a rank stopping alone would hang the others."""
-    up = torch.tensor([float(time.time() >= deadline)], device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(up, op=dist.ReduceOp.MAX)
-    return bool(up.item())
+    up = time.time() >= deadline
+    if dist.get_world_size() == 1:
+        return up  # no device tensor, no sync
+    flag = torch.tensor([float(up)], device=device)  # NCCL: on the GPU
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 #################################################################################

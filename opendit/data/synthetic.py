@@ -213,8 +213,8 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
     """Recover background, colour and motion of a clip (uint8 (T, H, W, 3)) of one shape on a plain background.
 
     The background is the median colour of the clip (the shape covers well under half of it; it is named after
-    the nearest palette background), the shape the pixels far from that median colour. Motion: ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x;
-    else a translation when its centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and
+    the nearest palette background), the shape the pixels far from that median colour. Motion:
+    ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x; else a translation when its centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and
     comes back by that much; else ``None``. Returns ``{"background", "color", "motion", "centers" (T, 2) (y, x),
     "areas" (T,)}``; colour and motion are ``None`` when no shape is visible in some frame.
     """
