@@ -2,11 +2,16 @@
 
     python benchmarks/eval_demo.py                       # bundled model, every colour x motion, 2 seeds
     python benchmarks/eval_demo.py --model DIR --seeds 0 1 2 --steps 30
+    python benchmarks/eval_demo.py --word_use            # fast check: does the model use motion/colour words?
 
 For each prompt "a {colour} {shape} {motion phrase}" and seed, the video is generated, written to mp4 and
 decoded again (what a user sees), then `opendit.data.synthetic.analyze_clip` finds the dominant object: its
 colour (nearest palette colour of its core pixels) and its motion (centroid track: left/right/up/down,
 growing/shrinking by area, bouncing by a rise and return). Prints accuracy per attribute and per value.
+
+`--word_use` (seconds, not minutes) renders clips of the four translations, noises them, and reports how much
+the model's noise-prediction loss rises when the caption's motion word is swapped for the opposite direction, or
+its colour word for another colour. About 0% means the model ignores that word, whatever it was trained on.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from opendit.data.synthetic import COLORS, MOTION_PHRASES, MOTIONS, analyze_clip
+from opendit.data.synthetic import (BACKGROUNDS, COLORS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, OPPOSITE_MOTIONS,
+                                    SHAPES, analyze_clip, render_clip)
+from opendit.diffusion import IDDPM
 from opendit.data.video import read_frames, write_frame_strip, write_video
 from opendit.sample import BUNDLED_MODEL, STDiTPipeline
 
@@ -49,6 +57,41 @@ def evaluate(pipe: STDiTPipeline, colors: list[str], motions: list[str], shape: 
                 results.append(dict(prompt=prompt, seed=seed, color=color, motion=motion, frames=frames,
                                     found_color=found["color"], found_motion=found["motion"]))
     return results
+
+
+def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...] = (300, 500, 700, 850),
+             seed: int = 0) -> dict[int, tuple[float, float, float]]:
+    """{timestep: (loss, % rise with the motion word swapped, % rise with the colour word swapped)} on rendered
+    clips of the four translations (same clips, noise and timestep for the three captions)."""
+    d, rng = pipe.defaults, np.random.default_rng(seed)
+    colors = list(COLORS)
+    translations = list(MOTION_DIRECTIONS)
+    cases = [(str(rng.choice(colors)), str(rng.choice(SHAPES)), translations[i % 4], str(rng.choice(list(BACKGROUNDS))))
+             for i in range(num_clips)]
+    clips = [render_clip(c, s, m, b, size=tuple(d["image_size"]), num_frames=d["num_frames"], rng=rng)
+             for c, s, m, b in cases]
+    video = torch.stack([torch.from_numpy(f).permute(3, 0, 1, 2) for f in clips]).float() / 127.5 - 1  # (B, 3, T, H, W)
+    z = pipe.vae.encode(video.to(pipe.device))
+    captions = {
+        "true": [prompt_for(c, s, m, b) for c, s, m, b in cases],
+        "motion": [prompt_for(c, s, OPPOSITE_MOTIONS[m], b) for c, s, m, b in cases],
+        "color": [prompt_for(colors[(colors.index(c) + 1) % len(colors)], s, m, b) for c, s, m, b in cases],
+    }
+    embeds = {k: pipe.encode_prompt(v) for k, v in captions.items()}
+    diffusion, g = IDDPM(timestep_respacing=""), torch.Generator().manual_seed(seed)
+    out = {}
+    for step in timesteps:
+        t = torch.full((num_clips,), step, device=pipe.device)
+        noise = torch.randn(z.shape, generator=g).to(z)
+        x_t = diffusion.q_sample(z, t, noise)
+        loss = {k: ((pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]] - noise) ** 2).mean().item()
+                for k, e in embeds.items()}
+        out[step] = (loss["true"], 100 * (loss["motion"] / loss["true"] - 1), 100 * (loss["color"] / loss["true"] - 1))
+    print(f"{'noise step':>10} {'loss':>9} {'motion word swapped':>20} {'colour word swapped':>20}"
+          f"   ({num_clips} clips)")
+    for step, (loss, motion, color) in out.items():
+        print(f"{step:>10} {loss:>9.5f} {motion:>+19.2f}% {color:>+19.2f}%")
+    return out
 
 
 def report(results: list[dict]) -> dict[str, float]:
@@ -83,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="print every prompt and what was found")
     p.add_argument("--strip", default=None, help="also write a PNG frame strip of the first seed's videos")
     p.add_argument("--strip_scale", type=int, default=3, help="pixel enlargement of the strip")
+    p.add_argument("--word_use", action="store_true", help="only the loss rise when motion/colour words are swapped")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.time()
     pipe = STDiTPipeline.from_pretrained(args.model, device="cpu")
+    if args.word_use:
+        word_use(pipe, seed=args.seeds[0])
+        print(f"\n{time.time() - t0:.0f}s on {torch.get_num_threads()} CPU threads")
+        return 0
     results = evaluate(pipe, args.colors, args.motions, args.shape, args.background, args.seeds, args.steps,
                        args.guidance, args.batch_size)
     if args.verbose:

@@ -36,7 +36,7 @@ from opendit.config import ConfigError, parse_config, save_yaml
 from opendit.data.cache import CachedLatentDataset, open_for_training
 from opendit.data.csvfile import DataError
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
-from opendit.diffusion import IDDPM
+from opendit.diffusion import IDDPM, LOSS_WEIGHTINGS
 from opendit.ema import EMA
 from opendit.models import MODEL_PRESETS, STDiT, STDiTConfig, load_checkpoint
 from opendit.parallel import (
@@ -95,6 +95,10 @@ class TrainConfig:
     batch_size: int = field(default=2, metadata={"help": "clips per process per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "(new) micro-steps per optimizer step"})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant; weight decay 0)"})
+    loss_weighting: str = field(default="uniform", metadata={
+        "help": "(new) weight of each noise level in the loss: uniform (the original), min_snr, truncated_snr "
+                "(more weight on the high-noise steps that decide layout and motion; see docs/training.md)",
+        "choices": list(LOSS_WEIGHTINGS)})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0: no clipping)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "(new) EMA decay per step"})
     mixed_precision: str = field(default="bf16", metadata={
@@ -411,7 +415,7 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
         ema = EMA(model, cfg.ema_decay)
         scaler = DynamicLossScaler(enabled=dtype == torch.float16)
-        diffusion = IDDPM(timestep_respacing="")
+        diffusion = IDDPM(timestep_respacing="", loss_weighting=cfg.loss_weighting)
 
         # ---- resume -----------------------------------------------------------------------------------------
         # Caption dropout and drop-path differ per data-parallel rank but not within a sequence-parallel group,

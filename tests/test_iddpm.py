@@ -166,6 +166,30 @@ def test_rescale_learned_sigmas_scales_vb_by_respaced_steps():
     torch.testing.assert_close(rescaled["mse"], plain["mse"])
 
 
+@pytest.mark.parametrize("weighting, x0_weight", [
+    ("min_snr", lambda snr: snr.clamp(max=5.0)), ("truncated_snr", lambda snr: snr.clamp(min=1.0))])
+def test_loss_weighting_weighs_the_x0_error(weighting, x0_weight):
+    """The weighted noise MSE equals the x_0 error (of the x_0 implied by the predicted noise) times the
+    x_0-space weight; "uniform" is the original loss; the VB term and the logged MSE are never weighted."""
+    x_start, noise = torch.randn(4, 4, 1, 2, 2, dtype=torch.float64), torch.randn(4, 4, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 300, 800, 999])
+    plain = IDDPM(timestep_respacing="").training_losses(train_model, x_start, t, noise=noise)
+    d = IDDPM(timestep_respacing="", loss_weighting=weighting)
+    out = d.training_losses(train_model, x_start, t, noise=noise)
+    torch.testing.assert_close(out["mse"], plain["mse"])
+    torch.testing.assert_close(out["vb"], plain["vb"])
+    ac = d.alphas_cumprod[t][:, None, None, None, None]
+    eps_hat = train_model(d.q_sample(x_start, t, noise), t)[:, :4]
+    x0_hat = (d.q_sample(x_start, t, noise) - (1 - ac).sqrt() * eps_hat) / ac.sqrt()
+    x0_mse = ((x0_hat - x_start) ** 2).mean(dim=(1, 2, 3, 4))
+    snr = (ac / (1 - ac)).flatten()
+    torch.testing.assert_close(out["loss"] - out["vb"], x0_weight(snr) * x0_mse, rtol=1e-5, atol=0.0)
+    # At the noisiest step min_snr keeps the original weight; truncated_snr multiplies it by ~1/SNR.
+    assert d.mse_weight(t)[-1] == 1.0 if weighting == "min_snr" else d.mse_weight(t)[-1] > 1000
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        IDDPM(loss_weighting="snr")
+
+
 @pytest.mark.parametrize("sigma_small", [False, True])
 def test_fixed_variance_without_learn_sigma(sigma_small):
     diffusion = IDDPM(num_sampling_steps=4, learn_sigma=False, sigma_small=sigma_small)

@@ -256,6 +256,10 @@ def _errors_and_collectives(rank: int, world: int) -> None:
         ref = tiny(no_temporal_pos_emb=True).eval()
         dsp = apply_sequence_parallel(copy.deepcopy(ref), group, "dsp")
         assert_close(dsp(**inputs()), ref(**inputs()), "dsp without temporal pos-embed")
+        ref = tiny(temporal_pos="input").eval()  # positions added before the first block's shard hook
+        for kind in ("dsp", "ulysses"):
+            sp = apply_sequence_parallel(copy.deepcopy(ref), group, kind)
+            assert_close(sp(**inputs()), ref(**inputs()), f"{kind} with temporal positions at the input")
 
     # A group of one rank: nothing is applied.
     own, _ = dist.new_subgroups(group_size=1)

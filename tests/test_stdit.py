@@ -182,3 +182,26 @@ def test_too_narrow_for_its_patch_warns():
     with pytest.warns(UserWarning, match="cannot represent per-pixel noise"):
         STDiT(input_size=(2, 16, 16), in_channels=3, patch_size=(1, 8, 8), hidden_size=128, depth=1, num_heads=4,
               caption_channels=8, model_max_length=4)
+
+
+def test_temporal_pos_input_gives_every_layer_the_frame_index():
+    """With frames that are all alike, only the frame positions can make the output differ between frames:
+    without them the model is exactly frame-symmetric; with "input" positions clearly not; the weights are the
+    same tensors in either mode (the demo model uses "input", Open-Sora checkpoints "first_block")."""
+    torch.manual_seed(0)
+    ref = tiny(temporal_pos="input")
+    torch.nn.init.normal_(ref.final_layer.linear.weight, std=0.2)  # zero-init would hide everything
+    x, t, y, mask = inputs()
+    x_same = x[:, :, :1].expand_as(x).contiguous()  # every frame identical
+
+    def frame_spread(**kw) -> float:
+        m = tiny(**kw)
+        m.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            out = m.eval()(x_same, t, y, mask)
+        return ((out - out.mean(2, keepdim=True)).std() / out.std()).item()
+
+    assert frame_spread(temporal_pos="input", no_temporal_pos_emb=True) < 1e-6
+    assert frame_spread(temporal_pos="input") > 0.05
+    with pytest.raises(ValueError, match="temporal_pos"):
+        tiny(temporal_pos="everywhere")

@@ -87,10 +87,12 @@ def test_flags_of_the_original_and_yaml_round_trip(tmp_path):
         "--data_path", "x.csv", "--image_size", "256", "320", "--plugin", "ddp", "--mixed_precision", "fp16",
         "--grad_checkpoint", "--enable_flashattn", "--enable_layernorm_kernel", "--text_speedup",
         "--model_space_scale", "0.5", "--freeze", "not_temporal", "--sequence_parallel_size", "2",
-        "--model", "STDiT-S/2", "--grad_accum", "4", "--max_steps", "10"], "opendit train")
+        "--model", "STDiT-S/2", "--grad_accum", "4", "--max_steps", "10", "--loss_weighting", "truncated_snr"],
+        "opendit train")
     assert cfg.image_size == (256, 320) and cfg.plugin == "ddp" and cfg.grad_checkpoint
     assert cfg.enable_flashattn is True and cfg.enable_modulate_kernel is None and cfg.text_speedup
     assert (cfg.freeze, cfg.sequence_parallel_size, cfg.grad_accum) == ("not_temporal", 2, 4)
+    assert cfg.loss_weighting == "truncated_snr"
     save_yaml(cfg, tmp_path / "config.yaml")
     again = parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")], "opendit train")
     assert again == cfg
@@ -373,7 +375,7 @@ def test_nonfinite_loss_is_skipped_then_stops(assets, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("extra", [
-    dict(mixed_precision="bf16", grad_checkpoint=True),
+    dict(mixed_precision="bf16", grad_checkpoint=True, loss_weighting="min_snr"),
     dict(mixed_precision="fp16"),  # FSDP2: loss scaling on DTensor gradient shards
     dict(mixed_precision="fp16", plugin="ddp", grad_accum=2, batch_size=1),
 ])

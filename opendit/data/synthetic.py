@@ -33,6 +33,9 @@ MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "bouncing", "growing"
 
 # Direction of travel (dy, dx) in image coordinates (y grows downwards) for the translating motions.
 MOTION_DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+# The motion that undoes each one (bouncing has none): what caption-swap checks put in a caption's place.
+OPPOSITE_MOTIONS: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up",
+                                    "growing": "shrinking", "shrinking": "growing"}
 
 SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "ball", "disc"),

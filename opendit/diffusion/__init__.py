@@ -1,5 +1,5 @@
 """Diffusion schedulers."""
 
-from opendit.diffusion.iddpm import IDDPM
+from opendit.diffusion.iddpm import IDDPM, LOSS_WEIGHTINGS
 
-__all__ = ["IDDPM"]
+__all__ = ["IDDPM", "LOSS_WEIGHTINGS"]

@@ -29,6 +29,9 @@ Model = Callable[..., torch.Tensor]
 #################################################################################
 
 
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "truncated_snr")  # see IDDPM.mse_weight
+
 def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> torch.Tensor:
     """Return the float64 betas of a named schedule; only Open-Sora's ``"linear"`` is provided.
 
@@ -214,6 +217,7 @@ class IDDPM:
         diffusion_steps: int = 1000,
         cfg_scale: float = 4.0,
         cfg_channels: int | None = None,
+        loss_weighting: str = "uniform",
     ):
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
@@ -221,6 +225,9 @@ class IDDPM:
             if num_sampling_steps <= 0:
                 raise ValueError(f"num_sampling_steps must be positive, got {num_sampling_steps}")
             timestep_respacing = str(num_sampling_steps)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        self.loss_weighting = loss_weighting
         if cfg_channels is not None and cfg_channels <= 0:
             raise ValueError(f"cfg_channels must be positive or None, got {cfg_channels}")
         base_betas = get_named_beta_schedule(noise_schedule, diffusion_steps)  # (diffusion_steps,)
@@ -484,5 +491,17 @@ class IDDPM:
         if model_output.shape != target.shape:
             raise ValueError(f"model output has shape {tuple(model_output.shape)}, expected {tuple(target.shape)}")
         terms["mse"] = mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        mse = terms["mse"] if self.loss_weighting == "uniform" else terms["mse"] * self.mse_weight(t)
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
+
+    def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Weight (B,) of the MSE term at steps ``t`` under ``loss_weighting``, defined on the x_0 error:
+        the noise MSE equals SNR x the x_0 MSE, so "uniform" noise prediction weighs x_0 errors by SNR, which is
+        ~1e-3 at the high-noise steps that decide layout and motion. "min_snr": min(SNR, 5) (Hang et al. 2023,
+        caps the low-noise steps); "truncated_snr": max(SNR, 1) (Salimans & Ho 2022; high-noise steps count as
+        much as the x_0 error itself)."""
+        ac = self.alphas_cumprod.to(t.device)[t]
+        snr = ac / (1.0 - ac)
+        x0_weight = snr.clamp(max=5.0) if self.loss_weighting == "min_snr" else snr.clamp(min=1.0)
+        return (x0_weight if self.predict_xstart else x0_weight / snr).float()

@@ -55,6 +55,9 @@ class STDiTConfig:
     pred_sigma: bool = True  # predict the variance interpolation too (out_channels = 2 * in_channels)
     drop_path: float = 0.0
     no_temporal_pos_emb: bool = False
+    # Where frame positions enter: "first_block" (Open-Sora v1.0: added to the first block's temporal-attention
+    # input only) or "input" (added to every token with the spatial positions, as Latte does).
+    temporal_pos: str = "first_block"
     caption_channels: int = 4096  # text encoder width (T5-XXL: 4096)
     model_max_length: int = 120  # text tokens
     space_scale: float = 1.0  # divides spatial positions (0.5 for 256px checkpoints, 1.0 for 512px)
@@ -78,6 +81,8 @@ class STDiTConfig:
             warnings.warn(f"hidden_size {self.hidden_size} is smaller than the {patch_values} values of a patch "
                           f"({'x'.join(map(str, self.patch_size))} x {self.in_channels} channels): the model cannot "
                           "represent per-pixel noise; use a smaller patch or a wider model", stacklevel=3)
+        if self.temporal_pos not in ("first_block", "input"):
+            raise ValueError(f"temporal_pos must be 'first_block' or 'input', got {self.temporal_pos!r}")
         if self.freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {self.freeze!r}")
 
@@ -239,6 +244,12 @@ class STDiT(nn.Module):
             y = y[:, :max_len]  # padding past the longest caption never enters the K/V projections
 
         tpe = None if self.config.no_temporal_pos_emb else self.temporal_pos_embed(T, x)
+        if tpe is not None and self.config.temporal_pos == "input":
+            # Why: "first_block" positions reach the residual stream only through one attention average over
+            # frames; a small model trained from scratch never learned frame order that way (its output did not
+            # depend on the frame index, so it could not follow "moving left"). Here every layer sees it.
+            x = x + tpe[:, :, None]  # (1, T, 1, C) broadcast over the frame's tokens
+            tpe = None
         for i, block in enumerate(self.blocks):
             x = block(x, y, t0, cross_mask, tpe if i == 0 else None)  # temporal positions enter at block 0 only
 

@@ -50,15 +50,19 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = to
 
 def apply_ddp(model: nn.Module, device: torch.device, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Wrap ``model`` in DistributedDataParallel (weights replicated, gradients all-reduced)."""
-    return DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        process_group=process_group,
-        # The only buffer (the null caption) never changes: synced once at init, not at every forward.
-        broadcast_buffers=False,
-        # Grads alias the all-reduce buckets instead of being copied out of them: less memory, one copy less.
-        gradient_as_bucket_view=True,
-    )
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which older versions lack; the
+        # old name still means exactly what is wanted here, so its deprecation notice is noise for users.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=process_group,
+            # The only buffer (the null caption) never changes: synced once at init, not at every forward.
+            broadcast_buffers=False,
+            # Grads alias the all-reduce buckets instead of being copied out of them: less memory, one copy less.
+            gradient_as_bucket_view=True,
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
