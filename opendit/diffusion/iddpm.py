@@ -23,14 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 Model = Callable[..., torch.Tensor]
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "truncated_snr")  # see IDDPM.mse_weight
 
 #################################################################################
 #                         Beta schedule and respacing                           #
 #################################################################################
 
-
-
-LOSS_WEIGHTINGS = ("uniform", "min_snr", "truncated_snr")  # see IDDPM.mse_weight
 
 def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> torch.Tensor:
     """Return the float64 betas of a named schedule; only Open-Sora's ``"linear"`` is provided.
