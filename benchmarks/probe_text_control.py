@@ -2,6 +2,8 @@
 
     python benchmarks/probe_text_control.py --task translate               # the demo model's open problem
     python benchmarks/probe_text_control.py --task static --caption_init_gain 3
+    python benchmarks/probe_text_control.py --task static --save_to s.safetensors && \
+        python benchmarks/probe_text_control.py --task translate --init_from s.safetensors   # a curriculum
 
 The probe trains a fresh demo-sized STDiT to regress the clean clip from pure noise at the noisiest step
 (t=999): the best it can do is E[clip | caption, frame], which the diffusion loss also asks for at high noise,
@@ -12,7 +14,8 @@ true caption and with the opposite word: equal means the model ignores the word.
 Tasks: ``translate`` (shape crosses the frame in the word's direction), ``static`` (shape sits at that side, no
 motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to read, only
 frame order). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): ``one`` and ``size`` are learned in a
-few hundred steps; ``static`` only with --caption_init_gain 3; ``translate`` in neither case (1,000 and 500 steps).
+few hundred steps; ``static`` starts to be read only with --caption_init_gain 3; ``translate`` in neither case
+(1,000 steps each).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, OPPOSITE_MOTIONS, RADIUS_RANGE, SHAPES,
                                     Trajectory, render_frames)
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption_init_gain", type=float, default=None,
                    help="re-initialise the caption projection and cross-attention q/kv (xavier, this gain) instead "
                         "of the original small init")
+    p.add_argument("--init_from", default=None, help="start from weights another probe run saved (a curriculum)")
+    p.add_argument("--save_to", default=None, help="save the trained weights here (safetensors)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         layers += [m for b in model.blocks for m in (b.cross_attn.q_linear, b.cross_attn.kv_linear)]
         for layer in layers:
             torch.nn.init.xavier_uniform_(layer.weight, gain=args.caption_init_gain)
+    if args.init_from:
+        model.load_state_dict(load_file(args.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     word_of = rng.integers(0, len(words), n_clips)
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if args.save_to:
+        save_file(model.state_dict(), args.save_to)
     return 0
 
 
