@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opendit.data.dataset import resize_crop
 from opendit.data.synthetic import (BACKGROUNDS, COLORS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, OPPOSITE_MOTIONS,
                                     SHAPES, analyze_clip, render_clip)
-from opendit.diffusion import IDDPM
 from opendit.data.video import read_frames, write_frame_strip, write_video
+from opendit.diffusion import IDDPM
 from opendit.sample import BUNDLED_MODEL, STDiTPipeline
 
 
@@ -59,6 +60,7 @@ def evaluate(pipe: STDiTPipeline, colors: list[str], motions: list[str], shape: 
     return results
 
 
+@torch.no_grad()
 def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...] = (300, 500, 700, 850),
              seed: int = 0) -> dict[int, tuple[float, float, float]]:
     """{timestep: (loss, % rise with the motion word swapped, % rise with the colour word swapped)} on rendered
@@ -68,9 +70,9 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
     translations = list(MOTION_DIRECTIONS)
     cases = [(str(rng.choice(colors)), str(rng.choice(SHAPES)), translations[i % 4], str(rng.choice(list(BACKGROUNDS))))
              for i in range(num_clips)]
-    clips = [render_clip(c, s, m, b, size=tuple(d["image_size"]), num_frames=d["num_frames"], rng=rng)
-             for c, s, m, b in cases]
-    video = torch.stack([torch.from_numpy(f).permute(3, 0, 1, 2) for f in clips]).float() / 127.5 - 1  # (B, 3, T, H, W)
+    size = tuple(d["image_size"])
+    clips = [render_clip(c, s, m, b, size=size, num_frames=d["num_frames"], rng=rng) for c, s, m, b in cases]
+    video = torch.stack([resize_crop(torch.from_numpy(f), size) for f in clips])  # (B, 3, T, H, W) in [-1, 1]
     z = pipe.vae.encode(video.to(pipe.device))
     captions = {
         "true": [prompt_for(c, s, m, b) for c, s, m, b in cases],

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from opendit.data.dataset import resize_crop
 from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, OPPOSITE_MOTIONS, RADIUS_RANGE, SHAPES,
                                     Trajectory, render_frames)
 from opendit.encoders import load_text_encoder
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     word_of = rng.integers(0, len(words), n_clips)
     clips = [render_frames("red", str(rng.choice(SHAPES)), trajectory(args.task, words[i], size, frames, rng), "black",
                            (size, size)) for i in word_of]
-    videos = torch.stack([torch.from_numpy(c).permute(3, 0, 1, 2) for c in clips]).float() / 127.5 - 1  # (N,3,T,H,W)
+    videos = torch.stack([resize_crop(torch.from_numpy(c), (size, size)) for c in clips])  # (N, 3, T, H, W)
     word_of = torch.from_numpy(word_of)
     captions = text.encode([f"a red circle {MOTION_PHRASES[w][0]} on a black background" for w in words])
     swapped = torch.tensor([words.index(OPPOSITE_MOTIONS[w]) if OPPOSITE_MOTIONS[w] in words else i

@@ -217,9 +217,10 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
 
     The background is the median colour of the clip (the shape covers well under half of it; it is named after
     the nearest palette background), the shape the pixels far from that median colour. Motion:
-    ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x; else a translation when its centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and
-    comes back by that much; else ``None``. Returns ``{"background", "color", "motion", "centers" (T, 2) (y, x),
-    "areas" (T,)}``; colour and motion are ``None`` when no shape is visible in some frame.
+    ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x; else a translation when its
+    centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and comes back by that much;
+    else ``None``. Returns ``{"background", "color", "motion", "centers" (T, 2) (y, x), "areas" (T,)}``; colour
+    and motion are ``None`` when no shape is visible in some frame.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
