@@ -78,6 +78,10 @@ class TrainConfig:
         "help": "(new) JSON/YAML file of STDiT keywords overriding the preset (depth, hidden_size, ...)"})
     model_pretrained_path: str | None = field(default=None, metadata={
         "help": "released checkpoint (.pth/.pt/.safetensors, or ema.pt) to start from; default: random init"})
+    model_pretrained_skip: list[str] | None = field(default=None, metadata={
+        "help": "(new) parameter-name fragments not to load from --model_pretrained_path (they keep their fresh "
+                "initialisation, listed in the log): e.g. y_embedder cross_attn to retrain the text path, or to "
+                "fine-tune with a text encoder of another width"})
     model_space_scale: float = field(default=1.0, metadata={"help": "spatial pos-embed scale (0.5 for 256px)"})
     model_time_scale: float = field(default=1.0, metadata={"help": "temporal pos-embed scale"})
     freeze: str | None = field(default=None, metadata={
@@ -139,6 +143,8 @@ class TrainConfig:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
+        if self.model_pretrained_skip and not self.model_pretrained_path:
+            raise ValueError("--model_pretrained_skip needs --model_pretrained_path (the checkpoint to load the rest from)")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"--image_size must be two positive sizes H W, got {self.image_size}")
         if not self.lr > 0:
@@ -402,7 +408,8 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
         model = build_stdit(cfg, vae, text_encoder)
         if cfg.model_pretrained_path:
-            load_checkpoint(model, cfg.model_pretrained_path)  # logs what loaded; errors on a mismatch
+            # logs what loaded; errors on a mismatch
+            load_checkpoint(model, cfg.model_pretrained_path, skip=cfg.model_pretrained_skip or ())
         if is_main:
             (experiment_dir / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
             n_params = sum(p.numel() for p in model.parameters())

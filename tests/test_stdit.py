@@ -93,6 +93,23 @@ def test_missing_keys_are_an_error_unless_allowed(tmp_path):
     assert report.missing == ["final_layer.linear.weight"]
 
 
+def test_skip_keeps_the_fresh_text_path_even_for_another_text_encoder_width(tmp_path):
+    """--model_pretrained_skip: the named parameters keep the new model's init (no shape check, since a text
+    encoder of another width changes them), everything else loads, and the log lists what was skipped."""
+    torch.save(tiny(caption_channels=8).state_dict(), tmp_path / "c.pth")
+    torch.manual_seed(1)
+    model = tiny()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_checkpoint(model, str(tmp_path / "c.pth"), skip=["y_embedder", "cross_attn"])
+    source = torch.load(tmp_path / "c.pth")
+    assert report.skipped and all("y_embedder" in k or "cross_attn" in k for k in report.skipped)
+    assert not report.missing and "SKIPPED as asked" in report.summary()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in report.skipped else source[k]), k
+    with pytest.raises(CheckpointError, match="cros_attn"):
+        load_checkpoint(tiny(), str(tmp_path / "c.pth"), skip=["cros_attn"])  # a typo is not silently ignored
+
+
 def test_missing_file_is_clear():
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_state_dict("/nonexistent/nope.pth")
@@ -205,3 +222,29 @@ def test_temporal_pos_input_gives_every_layer_the_frame_index():
     assert frame_spread(temporal_pos="input") > 0.05
     with pytest.raises(ValueError, match="temporal_pos"):
         tiny(temporal_pos="everywhere")
+
+
+def test_text_init_gain_makes_cross_attention_depend_on_the_image_token():
+    """The original init gives every image token the same caption vector (tiny keys: uniform attention) through
+    a zero output projection; text_init_gain makes attention depend on the token and the output non-zero, the
+    precondition for learning words that say where (docs/demo_model.md)."""
+    x, t, y, mask = inputs()
+
+    def token_spread(model: STDiT) -> float:
+        block = model.blocks[0].cross_attn
+        with torch.no_grad():
+            tokens = model.x_embedder(x) + model.spatial_pos_embed(4, 4, x).repeat(1, 4, 1)
+            caption = model.y_embedder(y, False).squeeze(1)
+            block.proj.weight.copy_(torch.eye(32))  # look at the attention result itself
+            out = block(tokens, caption)
+        return (out.std(1).mean() / out.abs().mean()).item()
+
+    torch.manual_seed(0)
+    original = tiny()
+    assert all(b.cross_attn.proj.weight.abs().sum() == 0 for b in original.blocks)
+    torch.manual_seed(0)
+    gained = tiny(text_init_gain=2.0)
+    assert all(b.cross_attn.proj.weight.abs().sum() > 0 for b in gained.blocks)
+    assert token_spread(original) < 0.02 < 0.2 < token_spread(gained)
+    with pytest.raises(ValueError, match="text_init_gain"):
+        tiny(text_init_gain=0)

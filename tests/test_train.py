@@ -87,12 +87,12 @@ def test_flags_of_the_original_and_yaml_round_trip(tmp_path):
         "--data_path", "x.csv", "--image_size", "256", "320", "--plugin", "ddp", "--mixed_precision", "fp16",
         "--grad_checkpoint", "--enable_flashattn", "--enable_layernorm_kernel", "--text_speedup",
         "--model_space_scale", "0.5", "--freeze", "not_temporal", "--sequence_parallel_size", "2",
-        "--model", "STDiT-S/2", "--grad_accum", "4", "--max_steps", "10", "--loss_weighting", "truncated_snr"],
-        "opendit train")
+        "--model", "STDiT-S/2", "--grad_accum", "4", "--max_steps", "10", "--loss_weighting", "truncated_snr",
+        "--model_pretrained_path", "m.pt", "--model_pretrained_skip", "y_embedder", "cross_attn"], "opendit train")
     assert cfg.image_size == (256, 320) and cfg.plugin == "ddp" and cfg.grad_checkpoint
     assert cfg.enable_flashattn is True and cfg.enable_modulate_kernel is None and cfg.text_speedup
     assert (cfg.freeze, cfg.sequence_parallel_size, cfg.grad_accum) == ("not_temporal", 2, 4)
-    assert cfg.loss_weighting == "truncated_snr"
+    assert cfg.loss_weighting == "truncated_snr" and cfg.model_pretrained_skip == ["y_embedder", "cross_attn"]
     save_yaml(cfg, tmp_path / "config.yaml")
     again = parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")], "opendit train")
     assert again == cfg
@@ -105,6 +105,7 @@ def test_flags_of_the_original_and_yaml_round_trip(tmp_path):
     (["--data_path", "x.csv", "--plugin", "zero3"], "invalid choice"),
     (["--batch_size", "2"], "--data_path is required"),
     (["--data_path", "x.csv", "--no_such_flag", "1"], "unrecognized arguments"),
+    (["--data_path", "x.csv", "--model_pretrained_skip", "cross_attn"], "--model_pretrained_skip needs"),
 ])
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -66,6 +66,11 @@ class STDiTConfig:
     enable_flashattn: bool | None = None  # None: let SDPA choose; True: prefer flash/cuDNN; False: math
     enable_layernorm_kernel: bool | None = None  # None: fused Triton kernel when on CUDA
     enable_modulate_kernel: bool | None = None  # fused LayerNorm + modulate (same switch family)
+    # None: the original initialisation of the text path (caption projection std 0.02, cross-attention output
+    # zero). A number g: xavier with gain g for the caption projection and cross-attention q/kv, and a non-zero
+    # (xavier) cross-attention output, so that words which only say *where* (left/right) can be learned at all
+    # (docs/demo_model.md). Loaded weights replace it, except those --model_pretrained_skip leaves out.
+    text_init_gain: float | None = None
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(v) for v in self.input_size)
@@ -83,6 +88,8 @@ class STDiTConfig:
                           "represent per-pixel noise; use a smaller patch or a wider model", stacklevel=3)
         if self.temporal_pos not in ("first_block", "input"):
             raise ValueError(f"temporal_pos must be 'first_block' or 'input', got {self.temporal_pos!r}")
+        if self.text_init_gain is not None and not self.text_init_gain > 0:
+            raise ValueError(f"text_init_gain must be a positive number or None, got {self.text_init_gain!r}")
         if self.freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {self.freeze!r}")
 
@@ -292,6 +299,18 @@ class STDiT(nn.Module):
             nn.init.constant_(block.cross_attn.proj.bias, 0)
             nn.init.constant_(block.attn_temp.proj.weight, 0)
             nn.init.constant_(block.attn_temp.proj.bias, 0)
+        gain = self.config.text_init_gain
+        if gain is not None:
+            # Why: with a small caption projection and a zero output, every image token receives the same caption
+            # vector; a word that moves the shape without changing how much of it there is then leaves the
+            # token-summed loss unchanged and gets no gradient (a saddle). Large enough keys make attention depend
+            # on the query's position, and a non-zero output lets that reach the residual stream from step one.
+            layers = [self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+            layers += [m for b in self.blocks for m in (b.cross_attn.q_linear, b.cross_attn.kv_linear)]
+            for layer in layers:
+                nn.init.xavier_uniform_(layer.weight, gain=gain)
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.cross_attn.proj.weight)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 

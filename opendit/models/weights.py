@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,14 +33,17 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        total = len(self.loaded) + len(self.missing)
+        total = len(self.loaded) + len(self.missing) + len(self.skipped)
         lines = [f"loaded {len(self.loaded)}/{total} tensors from {self.path}"]
         if self.missing:
             lines.append(f"  MISSING from the checkpoint ({len(self.missing)}, left at their initial values): {self.missing}")
         if self.unexpected:
             lines.append(f"  UNEXPECTED in the checkpoint ({len(self.unexpected)}, not used): {self.unexpected}")
+        if self.skipped:
+            lines.append(f"  SKIPPED as asked ({len(self.skipped)}, left at their initial values): {self.skipped}")
         if self.ignored:
             lines.append(f"  ignored recomputed buffers: {self.ignored}")
         return "\n".join(lines)
@@ -76,12 +80,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], path: str = "<state dict>") -> LoadReport:
-    """Copy `sd` into `model` after checking every key and shape; returns what happened."""
+def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], path: str = "<state dict>",
+                            skip: Sequence[str] = ()) -> LoadReport:
+    """Copy `sd` into `model` after checking every key and shape; returns what happened. Model keys containing
+    one of `skip` are not loaded (nor shape-checked) and keep their current values."""
     own = model.state_dict()
     report = LoadReport(path)
+    report.skipped = [k for k in own if any(s in k for s in skip)]
     usable = {}
     for k, v in sd.items():
+        if k in report.skipped:
+            continue
         if k not in own:
             (report.ignored if k in RECOMPUTED_KEYS else report.unexpected).append(k)
         elif tuple(v.shape) != tuple(own[k].shape):
@@ -91,16 +100,21 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], path:
             )
         else:
             usable[k] = v
-    report.missing = [k for k in own if k not in usable]
+    report.missing = [k for k in own if k not in usable and k not in report.skipped]
     report.loaded = list(usable)
     model.load_state_dict(usable, strict=False)
     return report
 
 
-def load_checkpoint(model: nn.Module, path: str, allow_missing: bool = False) -> LoadReport:
+def load_checkpoint(model: nn.Module, path: str, allow_missing: bool = False, skip: Sequence[str] = ()) -> LoadReport:
     """Load a checkpoint file into `model`, logging what loaded. Raises CheckpointError on shape mismatches,
-    and on missing keys unless `allow_missing` (e.g. fine-tuning a model with new layers)."""
-    report = load_state_dict_checked(model, read_state_dict(path), path)
+    and on missing keys unless `allow_missing` (e.g. fine-tuning a model with new layers). Keys containing one of
+    `skip` (name fragments, e.g. "cross_attn") keep the model's initialisation: retraining part of a model, or a
+    text encoder of another width."""
+    unmatched = [s for s in skip if not any(s in k for k in model.state_dict())]
+    if unmatched:
+        raise CheckpointError(f"skip pattern(s) {unmatched} match no parameter of the model")
+    report = load_state_dict_checked(model, read_state_dict(path), path, skip)
     logger.info(report.summary())
     if report.missing and not allow_missing:
         raise CheckpointError(report.summary() + "\n(the checkpoint does not fit this model configuration)")
