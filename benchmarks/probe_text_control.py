@@ -16,7 +16,7 @@ motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direc
 frame order). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one``
 and ``size`` are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
 --text_init_gain 2 (a non-zero cross-attention output and larger caption projections) ``static`` is learned in
-500 steps and ``translate`` in 750-1,000.
+500 steps and ``translate`` in two of three runs within 1,000-1,250 steps (the third not by 1,250).
 """
 
 from __future__ import annotations
