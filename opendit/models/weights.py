@@ -83,10 +83,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], path: str = "<state dict>",
                             skip: Sequence[str] = ()) -> LoadReport:
     """Copy `sd` into `model` after checking every key and shape; returns what happened. Model keys containing
-    one of `skip` are not loaded (nor shape-checked) and keep their current values."""
+    one of `skip` are not loaded (nor shape-checked) and keep their current values; a `skip` fragment that matches
+    no key is an error (a typo must not silently load everything)."""
     own = model.state_dict()
     report = LoadReport(path)
     report.skipped = [k for k in own if any(s in k for s in skip)]
+    unmatched = [s for s in skip if not any(s in k for k in report.skipped)]
+    if unmatched:
+        raise CheckpointError(f"skip pattern(s) {unmatched} match no parameter of the model")
     usable = {}
     for k, v in sd.items():
         if k in report.skipped:
@@ -111,9 +115,6 @@ def load_checkpoint(model: nn.Module, path: str, allow_missing: bool = False, sk
     and on missing keys unless `allow_missing` (e.g. fine-tuning a model with new layers). Keys containing one of
     `skip` (name fragments, e.g. "cross_attn") keep the model's initialisation: retraining part of a model, or a
     text encoder of another width."""
-    unmatched = [s for s in skip if not any(s in k for k in model.state_dict())]
-    if unmatched:
-        raise CheckpointError(f"skip pattern(s) {unmatched} match no parameter of the model")
     report = load_state_dict_checked(model, read_state_dict(path), path, skip)
     logger.info(report.summary())
     if report.missing and not allow_missing:
