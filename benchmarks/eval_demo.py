@@ -86,8 +86,18 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
         t = torch.full((num_clips,), step, device=pipe.device)
         noise = torch.randn(z.shape, generator=g).to(z)
         x_t = diffusion.q_sample(z, t, noise)
-        loss = {k: ((pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]] - noise) ** 2).mean().item()
-                for k, e in embeds.items()}
+        abar = float(diffusion.alphas_cumprod[step])
+
+        def noise_error(e: dict) -> float:
+            out = pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]]
+            # the noise an x_0 or v prediction implies, so that every kind of model compares
+            if pipe.scheduler.prediction_type == "sample":
+                out = (x_t - abar ** 0.5 * out) / (1 - abar) ** 0.5
+            elif pipe.scheduler.prediction_type == "v_prediction":
+                out = abar ** 0.5 * out + (1 - abar) ** 0.5 * x_t
+            return ((out - noise) ** 2).mean().item()
+
+        loss = {k: noise_error(e) for k, e in embeds.items()}
         out[step] = (loss["true"], 100 * (loss["motion"] / loss["true"] - 1), 100 * (loss["color"] / loss["true"] - 1))
     print(f"{'noise step':>10} {'loss':>9} {'motion word swapped':>20} {'colour word swapped':>20}"
           f"   ({num_clips} clips)")

@@ -67,6 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
         "fps": fps,
         "num_sampling_steps": num_sampling_steps,
         "cfg_scale": cfg_scale,
+        "prediction_type": train.get("prediction_type", "epsilon"),
         "source": f"{checkpoint.parent.name}/{checkpoint.name} ({weights} weights)",  # the run, not a local path
     }
     (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")

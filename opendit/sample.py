@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from opendit.config import parse_config
-from opendit.diffusion import IDDPM
+from opendit.diffusion import IDDPM, PREDICTION_TYPES
 from opendit.models import STDiT, STDiTConfig, build_model, load_checkpoint
 
 logger = logging.getLogger("opendit")
@@ -82,7 +83,8 @@ class STDiTPipeline:
         model = STDiT.from_pretrained(str(folder)).to(device, dtype)
         text = load_text_encoder(settings.get("text_encoder"), settings.get("text_max_length"), device=device)
         vae = load_vae(settings.get("vae", "pixel"), device=device)
-        scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50), cfg_scale=settings.get("cfg_scale", 7.0))
+        scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50), cfg_scale=settings.get("cfg_scale", 7.0),
+                          prediction_type=settings.get("prediction_type", "epsilon"))
         pipe = cls(model, text, vae, scheduler)
         pipe.defaults = settings
         return pipe
@@ -115,6 +117,7 @@ class STDiTPipeline:
                 num_sampling_steps=num_inference_steps or scheduler.num_timesteps,
                 cfg_scale=scheduler.cfg_scale if guidance_scale is None else guidance_scale,
                 cfg_channels=scheduler.cfg_channels,
+                prediction_type=scheduler.prediction_type,
             )
         latent_size = self.vae.get_latent_size((num_frames, height, width))
         check_latent_size(latent_size, self.model.patch_size, (num_frames, height, width))
@@ -186,6 +189,10 @@ class SampleConfig:
     scheduler_cfg_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default 7.0)"})
     cfg_channels: int | None = field(default=None, metadata={
         "help": "guide only the first N eps channels (3 reproduces the original exactly); default all"})
+    prediction_type: str | None = field(default=None, metadata={
+        "help": "what the model predicts: epsilon or sample (x_0); default: the model folder's pipeline.json, "
+                "the training run's config.yaml for a checkpoint of one of our runs, else epsilon",
+        "choices": list(PREDICTION_TYPES)})
     batch_size: int = field(default=1, metadata={"help": "prompts sampled together"})
     seed: int = field(default=42, metadata={"help": "random seed (videos are reproducible per seed)"})
     save_dir: str = field(default="./samples", metadata={"help": "output folder"})
@@ -227,9 +234,13 @@ def resolve_settings(cfg: SampleConfig) -> dict:
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(f"model checkpoint not found: {path} (--model_pretrained_path)")
     defaults = dict(image_size=(512, 512), num_frames=16, fps=8, num_sampling_steps=100, cfg_scale=7.0,
-                    text_max_length=120, text_encoder=None, vae=None)
+                    text_max_length=120, text_encoder=None, vae=None, prediction_type="epsilon")
     if folder.is_dir() and (folder / "pipeline.json").is_file():
         defaults.update(read_pipeline_json(folder))
+    elif path is not None and (run_config := find_run_model_config(path)) is not None:
+        train_config = run_config.parent / "config.yaml"  # the checkpoint's run: how it was trained
+        if train_config.is_file():
+            defaults["prediction_type"] = yaml.safe_load(train_config.read_text()).get("prediction_type", "epsilon")
     chosen = lambda flag, key: flag if flag is not None else defaults[key]  # noqa: E731
     s = dict(
         model_folder=str(folder) if folder.is_dir() and (folder / "config.json").is_file() else None,
@@ -242,6 +253,7 @@ def resolve_settings(cfg: SampleConfig) -> dict:
         fps=chosen(cfg.fps, "fps"),
         num_sampling_steps=chosen(cfg.scheduler_num_sampling_steps, "num_sampling_steps"),
         cfg_scale=chosen(cfg.scheduler_cfg_scale, "cfg_scale"),
+        prediction_type=chosen(cfg.prediction_type, "prediction_type"),
         # None: a model folder / run config keeps its own scales; a bare checkpoint gets 1.0
         space_scale=cfg.model_space_scale,
         time_scale=cfg.model_time_scale,
@@ -322,7 +334,8 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
 
         setup_sequence_parallel_sampling(model, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
     pipe = STDiTPipeline(model, None, vae, IDDPM(num_sampling_steps=s["num_sampling_steps"],
-                                                   cfg_scale=s["cfg_scale"], cfg_channels=cfg.cfg_channels))
+                                                   cfg_scale=s["cfg_scale"], cfg_channels=cfg.cfg_channels,
+                                                   prediction_type=s["prediction_type"]))
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     written = []
     save_dir = Path(cfg.save_dir)

@@ -36,7 +36,7 @@ from opendit.config import ConfigError, parse_config, save_yaml
 from opendit.data.cache import CachedLatentDataset, open_for_training
 from opendit.data.csvfile import DataError
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
-from opendit.diffusion import IDDPM, LOSS_WEIGHTINGS
+from opendit.diffusion import IDDPM, LOSS_WEIGHTINGS, PREDICTION_TYPES
 from opendit.ema import EMA
 from opendit.models import MODEL_PRESETS, STDiT, STDiTConfig, load_checkpoint
 from opendit.parallel import (
@@ -103,6 +103,18 @@ class TrainConfig:
         "help": "(new) weight of each noise level in the loss: uniform (the original), min_snr, truncated_snr "
                 "(more weight on the high-noise steps that decide layout and motion; see docs/training.md)",
         "choices": list(LOSS_WEIGHTINGS)})
+    prediction_type: str = field(default="epsilon", metadata={
+        "help": "(new) what the model predicts: epsilon (the noise, as Open-Sora) or sample (the clean video x_0; "
+                "with --loss_weighting truncated_snr the high-noise steps that decide layout and motion then get "
+                "an undiluted target; see docs/training.md). Recorded by opendit export for sampling",
+        "choices": list(PREDICTION_TYPES)})
+    timestep_range: tuple[int, int] | None = field(default=None, metadata={
+        "help": "(new) draw training timesteps from LO..HI only (default: all 0..999), e.g. 700 999 for a phase "
+                "on the high-noise steps where a caption decides layout and motion (docs/training.md)"})
+    loss_weight_max: float | None = field(default=None, metadata={
+        "help": "(new) cap on the --loss_weighting weight of the MSE term (e.g. 100 with truncated_snr: the x_0 "
+                "error weighs as much as at t ~ 700 at the noisiest steps too, where it is barely visible in "
+                "the noise; see docs/training.md)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0: no clipping)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "(new) EMA decay per step"})
     mixed_precision: str = field(default="bf16", metadata={
@@ -141,6 +153,12 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
+        if self.timestep_range is not None:
+            self.timestep_range = tuple(int(v) for v in self.timestep_range)
+            if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] <= self.timestep_range[1] <= 999:
+                raise ValueError(f"--timestep_range must be LO HI with 0 <= LO <= HI <= 999, got {self.timestep_range}")
+        if self.loss_weight_max is not None and not self.loss_weight_max > 0:
+            raise ValueError(f"--loss_weight_max must be > 0, got {self.loss_weight_max}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
         if self.model_pretrained_skip and not self.model_pretrained_path:
@@ -277,15 +295,18 @@ class RunLog:
 
 
 def per_sample_noise(indices: list[int], epoch: int, seed: int, shape: tuple, num_timesteps: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, timestep_range: tuple[int, int] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Diffusion timestep (B,) and noise (B, *shape) of each sample, drawn from a generator seeded by
     (seed, epoch, dataset index): a sample gets the same noise whichever rank trains it, so runs on any number
-    of processes -- and resumed runs -- see the same training targets."""
+    of processes -- and resumed runs -- see the same training targets. ``timestep_range`` (LO, HI) limits t
+    to LO..HI."""
+    low, high = timestep_range if timestep_range is not None else (0, num_timesteps - 1)
     t = torch.empty(len(indices), dtype=torch.long, device=device)
     noise = torch.empty(len(indices), *shape, device=device)
     for i, index in enumerate(indices):
         g = torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index + 1)
-        t[i] = torch.randint(num_timesteps, (1,), generator=g, device=device)[0]
+        t[i] = torch.randint(low, high + 1, (1,), generator=g, device=device)[0]
         noise[i] = torch.randn(shape, generator=g, device=device)
     return t, noise
 
@@ -422,7 +443,8 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
         ema = EMA(model, cfg.ema_decay)
         scaler = DynamicLossScaler(enabled=dtype == torch.float16)
-        diffusion = IDDPM(timestep_respacing="", loss_weighting=cfg.loss_weighting)
+        diffusion = IDDPM(timestep_respacing="", loss_weighting=cfg.loss_weighting,
+                          loss_weight_max=cfg.loss_weight_max, prediction_type=cfg.prediction_type)
 
         # ---- resume -----------------------------------------------------------------------------------------
         # Caption dropout and drop-path differ per data-parallel rank but not within a sequence-parallel group,
@@ -465,7 +487,7 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
                     step_good += num_good
                     x, y, mask, indices, weight = model_inputs(batch, dataset, vae, text_encoder, cfg, epoch, device)
                     t, noise = per_sample_noise(indices, epoch, cfg.global_seed, tuple(x.shape[1:]),
-                                                diffusion.num_timesteps, device)
+                                                diffusion.num_timesteps, device, cfg.timestep_range)
                     with grad_sync(model, enabled=micro == cfg.grad_accum - 1), autocast(model, device, dtype):
                         losses = diffusion.training_losses(model, x, t, dict(y=y, mask=mask), noise)["loss"]  # (B,)
                         # Sum over this rank / good samples of all ranks, times the data-parallel size that FSDP/DDP

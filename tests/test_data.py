@@ -15,8 +15,8 @@ from PIL import Image
 from opendit.data import video as video_module
 from opendit.data.csvfile import DataError, read_csv, write_csv
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
-from opendit.data.synthetic import (MOTION_PHRASES, MOTIONS, SHAPE_WORDS, SYNTHETIC_VOCAB, analyze_clip,
-                                    render_clip, write_synthetic_dataset)
+from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, SHAPE_WORDS, SYNTHETIC_VOCAB,
+                                    analyze_clip, render_clip, sample_trajectory, write_synthetic_dataset)
 from opendit.data.video import (VideoError, probe_video, read_frames, read_image, write_gif, write_video)
 
 STEP = 5  # intensity step per frame index: frame i is a flat grey of i * STEP
@@ -302,6 +302,19 @@ def test_render_clip_motions_are_recoverable():
             assert np.array_equal(frames, again)
             found = analyze_clip(frames)
             assert (found["color"], found["motion"], found["background"]) == ("orange", motion, "gray")
+
+
+def test_across_paths_cross_the_frame_near_its_middle():
+    """paths="across": the direction word fixes where the shape is in each frame (near one edge, then the other)."""
+    for motion, (dy, dx) in MOTION_DIRECTIONS.items():
+        for seed in range(20):
+            path = sample_trajectory(motion, (32, 40), 8, np.random.default_rng(seed), paths="across")
+            along, across, size, other = (path.centers[:, 1], path.centers[:, 0], 40, 32) if dx else \
+                (path.centers[:, 0], path.centers[:, 1], 32, 40)
+            first, last = (along[0], along[-1]) if dx + dy > 0 else (size - along[0], size - along[-1])
+            r = path.radii[0]
+            assert r <= first <= r + 0.08 * size + 1e-9 and size - r - 0.08 * size - 1e-9 <= last <= size - r
+            assert np.all(np.abs(across - other / 2) <= 0.15 * other + 1e-9) and np.ptp(across) == 0
 
 
 def test_synthetic_dataset_is_deterministic_and_captions_match(tmp_path):

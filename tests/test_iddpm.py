@@ -190,6 +190,51 @@ def test_loss_weighting_weighs_the_x0_error(weighting, x0_weight):
         IDDPM(loss_weighting="snr")
 
 
+def test_loss_weight_max_caps_the_weight():
+    """The cap bounds the MSE weight at the noisy steps, leaves the others alone, and applies to "uniform" too."""
+    t = torch.tensor([0, 300, 500, 650, 800, 999])
+    free = IDDPM(timestep_respacing="", loss_weighting="truncated_snr").mse_weight(t)
+    capped = IDDPM(timestep_respacing="", loss_weighting="truncated_snr", loss_weight_max=100.0).mse_weight(t)
+    torch.testing.assert_close(capped, free.clamp(max=100.0))
+    assert free[-1] > 1000 and capped[-1] == 100.0 and 1.0 < capped[2] == free[2] < 100.0
+    assert torch.equal(IDDPM(timestep_respacing="", loss_weight_max=0.5).mse_weight(t), torch.full((6,), 0.5))
+    x_start, noise = torch.randn(6, 4, 1, 2, 2), torch.randn(6, 4, 1, 2, 2)
+    d = IDDPM(timestep_respacing="", loss_weighting="truncated_snr", loss_weight_max=100.0)
+    out = d.training_losses(train_model, x_start, t, noise=noise)
+    torch.testing.assert_close(out["loss"] - out["vb"], out["mse"] * capped)
+    with pytest.raises(ValueError, match="loss_weight_max must be positive"):
+        IDDPM(loss_weight_max=0.0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_prediction_types_agree_on_x0_and_on_the_weighted_loss(kind):
+    """The target of each kind turns back into x_0 exactly; with truncated_snr every kind's weighted MSE is
+    max(SNR, 1) x the error of the x_0 it implies (so the weighting means the same whatever is predicted)."""
+    x_start = torch.randn(4, 2, 1, 2, 2, dtype=torch.float64)
+    noise = torch.randn(4, 2, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 300, 800, 999])
+    d = IDDPM(timestep_respacing="", prediction_type=kind, loss_weighting="truncated_snr", learn_sigma=False)
+    x_t = d.q_sample(x_start, t, noise)
+    ac = d.alphas_cumprod[t][:, None, None, None, None]
+    target = {"epsilon": noise, "sample": x_start, "v_prediction": ac.sqrt() * noise - (1 - ac).sqrt() * x_start}[kind]
+    oracle = d.p_mean_variance(lambda x, t_: target, x_t, t)["pred_xstart"]
+    torch.testing.assert_close(oracle, x_start)
+    wrong = target + 0.01 * torch.randn_like(target)
+    out = d.training_losses(lambda x, t_: wrong, x_start, t, noise=noise)
+    x0_hat = d.p_mean_variance(lambda x, t_: wrong, x_t, t)["pred_xstart"]
+    snr = (ac / (1 - ac)).flatten()
+    x0_mse = ((x0_hat - x_start) ** 2).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(out["loss"], snr.clamp(min=1.0) * x0_mse, rtol=1e-5, atol=0.0)
+
+
+def test_prediction_type_names():
+    assert IDDPM(prediction_type="sample").predict_xstart and not IDDPM(prediction_type="epsilon").predict_xstart
+    assert IDDPM(predict_xstart=True).predict_xstart  # None keeps the original keyword
+    assert IDDPM(prediction_type="v_prediction").prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        IDDPM(prediction_type="v")
+
+
 @pytest.mark.parametrize("sigma_small", [False, True])
 def test_fixed_variance_without_learn_sigma(sigma_small):
     diffusion = IDDPM(num_sampling_steps=4, learn_sigma=False, sigma_small=sigma_small)

@@ -128,3 +128,19 @@ def test_prepare_synthetic_writes_dataset(tmp_path, capsys):
     rows = read_csv(tmp_path / "syn" / "data.csv")
     assert len(rows) == 3 and all((r["num_frames"], r["height"], r["width"]) == (6, 16, 24) for r in rows)
     assert "wrote 3 clips" in capsys.readouterr().out
+
+
+def test_prepare_filter_where_keeps_rows_by_column_value(tmp_path, capsys):
+    assert main(["synthetic", "--out", str(tmp_path / "syn"), "--num", "20", "--seed", "0", "--size", "16", "16",
+                 "--num_frames", "4", "--paths", "across"]) == 0
+    rows = read_csv(tmp_path / "syn" / "data.csv")
+    out = tmp_path / "moves.csv"
+    assert main(["filter", "--data", str(tmp_path / "syn" / "data.csv"), "--out", str(out),
+                 "--where", "motion=left,right", "--where", "background=black"]) == 0
+    expected = [r["path"] for r in rows if r["motion"] in ("left", "right") and r["background"] == "black"]
+    assert expected and [r["path"] for r in read_csv(out)] == expected
+    assert f"kept {len(expected)} of 20 rows" in capsys.readouterr().out
+    assert main(["filter", "--data", str(tmp_path / "syn" / "data.csv"), "--out", str(out), "--where", "speed=1"]) == 2
+    assert "has no column 'speed' (columns: path, text," in capsys.readouterr().err
+    assert main(["filter", "--data", str(tmp_path / "syn" / "data.csv"), "--out", str(out), "--where", "motion"]) == 2
+    assert "expected COLUMN=VALUE" in capsys.readouterr().err

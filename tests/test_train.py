@@ -88,11 +88,11 @@ def test_flags_of_the_original_and_yaml_round_trip(tmp_path):
         "--grad_checkpoint", "--enable_flashattn", "--enable_layernorm_kernel", "--text_speedup",
         "--model_space_scale", "0.5", "--freeze", "not_temporal", "--sequence_parallel_size", "2",
         "--model", "STDiT-S/2", "--grad_accum", "4", "--max_steps", "10", "--loss_weighting", "truncated_snr",
-        "--model_pretrained_path", "m.pt", "--model_pretrained_skip", "y_embedder", "cross_attn"], "opendit train")
+        "--loss_weight_max", "100", "--model_pretrained_path", "m.pt", "--model_pretrained_skip", "y_embedder", "cross_attn"], "opendit train")
     assert cfg.image_size == (256, 320) and cfg.plugin == "ddp" and cfg.grad_checkpoint
     assert cfg.enable_flashattn is True and cfg.enable_modulate_kernel is None and cfg.text_speedup
     assert (cfg.freeze, cfg.sequence_parallel_size, cfg.grad_accum) == ("not_temporal", 2, 4)
-    assert cfg.loss_weighting == "truncated_snr" and cfg.model_pretrained_skip == ["y_embedder", "cross_attn"]
+    assert cfg.loss_weighting == "truncated_snr" and cfg.loss_weight_max == 100.0 and cfg.model_pretrained_skip == ["y_embedder", "cross_attn"]
     save_yaml(cfg, tmp_path / "config.yaml")
     again = parse_config(TrainConfig, ["--config", str(tmp_path / "config.yaml")], "opendit train")
     assert again == cfg
@@ -106,12 +106,21 @@ def test_flags_of_the_original_and_yaml_round_trip(tmp_path):
     (["--batch_size", "2"], "--data_path is required"),
     (["--data_path", "x.csv", "--no_such_flag", "1"], "unrecognized arguments"),
     (["--data_path", "x.csv", "--model_pretrained_skip", "cross_attn"], "--model_pretrained_skip needs"),
+    (["--data_path", "x.csv", "--loss_weight_max", "0"], "--loss_weight_max must be > 0"),
+    (["--data_path", "x.csv", "--timestep_range", "900", "800"], "--timestep_range must be LO HI"),
 ])
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(TrainConfig, flags, "opendit train")
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_timestep_range_limits_the_drawn_steps():
+    t, _ = train_mod.per_sample_noise(list(range(64)), 0, 1, (2,), 1000, torch.device("cpu"), (700, 999))
+    assert t.min() >= 700 and t.max() <= 999 and len(set(t.tolist())) > 30
+    everywhere, _ = train_mod.per_sample_noise(list(range(64)), 0, 1, (2,), 1000, torch.device("cpu"))
+    assert everywhere.min() < 700
 
 
 def test_parallel_dims():
@@ -214,6 +223,29 @@ def test_overfit_loss_falls_and_outputs(assets, tmp_path):
     assert train_mod.main(argv(assets, outputs, max_steps=1, model_pretrained_path=checkpoint / "ema.pt",
                                model_config=exp / "model_config.json")) == 0
     assert re.search(r"loaded (\d+)/\1 tensors from .*ema.pt", (experiments(outputs)[-1] / "log.txt").read_text())
+
+
+def test_x0_prediction_is_trained_exported_and_sampled_as_such(assets, tmp_path):
+    """--prediction_type sample: the loss is on x_0, and every way of sampling the run knows it."""
+    from opendit.sample import STDiTPipeline, SampleConfig, resolve_settings
+
+    outputs = tmp_path / "out"
+    assert train_mod.main(argv(assets, outputs, max_steps=3, ckpt_every=3, prediction_type="sample",
+                               loss_weighting="truncated_snr")) == 0
+    (exp,) = experiments(outputs)
+    assert all(math.isfinite(m["loss"]) for m in metrics(exp))
+    (checkpoint,) = exp.glob("epoch*-global_step3")
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "pipeline.json").read_text())["prediction_type"] == "sample"
+    assert STDiTPipeline.from_pretrained(tmp_path / "exported", device="cpu").scheduler.predict_xstart
+    # a checkpoint of the run (not exported) takes it from the run's config.yaml; a flag overrides it
+    settings = dict(model_pretrained_path=str(checkpoint / "ema.pt"), text_pretrained_path="t5", vae_pretrained_path="pixel")
+    assert resolve_settings(SampleConfig(**settings))["prediction_type"] == "sample"
+    assert resolve_settings(SampleConfig(**settings, prediction_type="epsilon"))["prediction_type"] == "epsilon"
+    assert sample_main(["--model_pretrained_path", str(checkpoint / "ema.pt"), "--text_pretrained_path", str(assets["t5"]),
+                        "--vae_pretrained_path", "pixel", "--text_max_length", "8", "--image_size", "16", "16",
+                        "--num_frames", "4", "--scheduler_num_sampling_steps", "2", "--prompt", "a red ball",
+                        "--save_dir", str(tmp_path / "samples")]) == 0
 
 
 def test_resume_continues_exactly(assets, tmp_path):

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from opendit.data.csvfile import DataError, read_csv, relative_path, write_csv
-from opendit.data.synthetic import write_synthetic_dataset
+from opendit.data.synthetic import PATHS, write_synthetic_dataset
 from opendit.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, is_image, probe_video
 
 CSV_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width"]
@@ -242,7 +242,23 @@ def _rejection(row: dict[str, Any], args: argparse.Namespace) -> str | None:
         return f"caption words < {args.min_caption_words}"
     if args.max_caption_words is not None and words > args.max_caption_words:
         return f"caption words > {args.max_caption_words}"
+    for column, values in args.where:
+        if str(row.get(column)) not in values:
+            return f"{column} not in {sorted(values)}"
     return None
+
+
+def _parse_where(specs: list[str] | None, columns: list[str], data: str) -> list[tuple[str, set[str]]]:
+    """``--where COLUMN=V1,V2`` conditions; a column the CSV lacks is an error naming the columns it has."""
+    where = []
+    for spec in specs or []:
+        column, sep, values = spec.partition("=")
+        if not sep or not column or not values:
+            raise DataError(f"--where {spec!r}: expected COLUMN=VALUE[,VALUE...]")
+        if column not in columns:
+            raise DataError(f"--where {spec!r}: {data} has no column {column!r} (columns: {', '.join(columns)})")
+        where.append((column, set(values.split(","))))
+    return where
 
 
 def run_filter(args: argparse.Namespace) -> int:
@@ -258,6 +274,7 @@ def run_filter(args: argparse.Namespace) -> int:
         raise DataError(f"--min_caption_words {args.min_caption_words} is larger than --max_caption_words "
                         f"{args.max_caption_words}")
     rows = read_csv(args.data, data_root=args.data_root)
+    args.where = _parse_where(args.where, _columns_of(rows), args.data)
     needed = []
     if args.min_frames is not None:
         needed.append("num_frames")
@@ -285,7 +302,7 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def register_filter(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("filter", help="keep the rows of a CSV that pass size/length/caption filters",
+    p = subparsers.add_parser("filter", help="keep the rows of a CSV that pass size/length/caption/column filters",
                               description="Rows lacking num_frames/height/width are probed when a filter needs "
                                           "them; unreadable and missing files are removed.")
     p.add_argument("--data", required=True, help="input CSV")
@@ -298,6 +315,9 @@ def register_filter(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max_aspect", type=float, default=None, help="width/height at most this")
     p.add_argument("--min_caption_words", type=int, default=None, help="caption has at least this many words")
     p.add_argument("--max_caption_words", type=int, default=None, help="caption has at most this many words")
+    p.add_argument("--where", action="append", default=None, metavar="COLUMN=V1,V2",
+                   help="keep rows whose COLUMN is one of the values (repeatable; all must hold), e.g. "
+                        "--where motion=left,right,up,down on the synthetic data")
     p.set_defaults(func=run_filter)
 
 
@@ -404,7 +424,7 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
 def run_synthetic(args: argparse.Namespace) -> int:
     try:
         csv_path = write_synthetic_dataset(args.out, num=args.num, seed=args.seed, size=tuple(args.size),
-                                           num_frames=args.num_frames, fps=args.fps)
+                                           num_frames=args.num_frames, fps=args.fps, paths=args.paths)
     except ValueError as e:  # argument validation; the messages name the flag
         raise DataError(str(e)) from None
     print(f"wrote {args.num} clips and {csv_path}")
@@ -421,6 +441,10 @@ def register_synthetic(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[32, 32], metavar=("H", "W"), help="frame size (even)")
     p.add_argument("--num_frames", type=int, default=16, help="frames per clip")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the mp4 files")
+    p.add_argument("--paths", choices=list(PATHS), default="anywhere",
+                   help="translations travel 40-60%% of the frame from anywhere (the bundled model's data), or "
+                        "cross it edge to edge near the middle line, so the direction word says where the shape "
+                        "is in every frame (docs/demo_model.md)")
     p.set_defaults(func=run_synthetic)
 
 

@@ -69,6 +69,7 @@ SYNTHETIC_VOCAB: dict[str, object] = {
 RADIUS_RANGE = (0.12, 0.20)
 SMALL, BIG = 0.14, 0.18
 SUPERSAMPLE = 4  # sub-pixels per side for anti-aliased edges
+PATHS = ("anywhere", "across")  # where translations run: see sample_trajectory
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -83,14 +84,18 @@ class Trajectory:
     radii: np.ndarray
 
 
-def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: np.random.Generator) -> Trajectory:
+def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: np.random.Generator,
+                      paths: str = "anywhere") -> Trajectory:
     """Draw a random path of ``motion`` that keeps the shape inside a frame of ``size`` = (H, W).
 
-    Translations travel 40-60% of the frame; ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the
+    Translations travel 40-60% of the frame from anywhere (``paths="anywhere"``, the bundled demo model's data)
+    or cross it edge to edge near its middle line (``paths="across"``); ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the
     bottom edge (and ends where it started); ``growing``/``shrinking`` scale the radius about 3x.
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
+    if paths not in PATHS:
+        raise ValueError(f"unknown paths {paths!r}; expected one of {PATHS}")
     height, width = size
     short = min(height, width)
     t = np.linspace(0.0, 1.0, num_frames)
@@ -113,12 +118,20 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
 
     dy, dx = MOTION_DIRECTIONS[motion]
     along, across = (width, height) if dx else (height, width)
-    distance = min(rng.uniform(0.4, 0.6) * along, along - 2 * radius)
-    begin = rng.uniform(radius, along - radius - distance)
+    if paths == "across":
+        # From near one edge to near the other, close to the middle line: the word then says where the shape is
+        # in every frame (37% of the clean clip's variance explained by the word, against 13% for "anywhere").
+        begin = radius + rng.uniform(0.0, 0.08) * along
+        distance = along - radius - rng.uniform(0.0, 0.08) * along - begin
+        other_position = across / 2 + rng.uniform(-0.15, 0.15) * across
+    else:
+        distance = min(rng.uniform(0.4, 0.6) * along, along - 2 * radius)
+        begin = rng.uniform(radius, along - radius - distance)
+        other_position = rng.uniform(radius, across - radius)
     position = begin + distance * t  # increasing coordinate
     if dx < 0 or dy < 0:
         position = position[::-1]
-    other = np.full(num_frames, rng.uniform(radius, across - radius))
+    other = np.full(num_frames, other_position)
     centers = np.stack([other, position], axis=1) if dx else np.stack([position, other], axis=1)
     return Trajectory(centers, radii)
 
@@ -267,11 +280,12 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
 # --------------------------------------------------------------------------------------------------------------
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num: int, seed: int, size: tuple[int, int] = (32, 32),
-                            num_frames: int = 16, fps: float = 8) -> Path:
+                            num_frames: int = 16, fps: float = 8, paths: str = "anywhere") -> Path:
     """Write ``num`` clips to ``out_dir/clips/`` and their CSV to ``out_dir/data.csv``; return the CSV path.
 
     Columns: ``path,text,num_frames,fps,height,width,color,shape,motion,background`` with paths relative to the
-    CSV. The same seed gives the same CSV bytes and the same decoded frames.
+    CSV. The same seed gives the same CSV bytes and the same decoded frames. ``paths``: see
+    :func:`sample_trajectory`.
     """
     height, width = size
     if num < 1:
@@ -285,6 +299,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num: int, seed: int, siz
         raise ValueError(f"--num_frames must be >= 2, got {num_frames}")
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
+    if paths not in PATHS:
+        raise ValueError(f"--paths must be one of {PATHS}, got {paths!r}")
     out_dir = Path(out_dir)
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -294,7 +310,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num: int, seed: int, siz
         shape = str(rng.choice(SHAPES))
         motion = str(rng.choice(MOTIONS))
         background = str(rng.choice(list(BACKGROUNDS)))
-        trajectory = sample_trajectory(motion, (height, width), num_frames, rng)
+        trajectory = sample_trajectory(motion, (height, width), num_frames, rng, paths)
         frames = render_frames(color, shape, trajectory, background, (height, width))
         radius_fraction = float(trajectory.radii[0]) / min(height, width)
         text = make_caption(color, shape, motion, background, radius_fraction, rng)

@@ -1,5 +1,5 @@
 """Diffusion schedulers."""
 
-from opendit.diffusion.iddpm import IDDPM, LOSS_WEIGHTINGS
+from opendit.diffusion.iddpm import IDDPM, LOSS_WEIGHTINGS, PREDICTION_TYPES
 
-__all__ = ["IDDPM", "LOSS_WEIGHTINGS"]
+__all__ = ["IDDPM", "LOSS_WEIGHTINGS", "PREDICTION_TYPES"]

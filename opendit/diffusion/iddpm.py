@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 
 Model = Callable[..., torch.Tensor]
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "truncated_snr")  # see IDDPM.mse_weight
+# What the model outputs, in diffusers' names: the noise (Open-Sora), x_0 (the original's predict_xstart), or
+# v = sqrt(abar) * noise - sqrt(1 - abar) * x_0 (Salimans & Ho 2022).
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 #################################################################################
 #                         Beta schedule and respacing                           #
@@ -198,6 +201,10 @@ class IDDPM:
         rescale_learned_sigmas: scale the VB term by ``num_timesteps / 1000`` (the original's RESCALED_MSE).
         diffusion_steps: number of steps of the original (training) process.
         cfg_scale: guidance scale used by ``guided`` and ``sample``.
+        loss_weighting, loss_weight_max: weight of each step's MSE term (see ``mse_weight``).
+        prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"`` (diffusers' names); None follows
+            ``predict_xstart``. v is the noise at low noise levels and -x_0 at high ones, so neither end hides
+            the clean video in a tiny fraction of the target, and an epsilon model fine-tunes into it smoothly.
         cfg_channels: how many leading output channels guidance mixes. None mixes every noise channel;
             3 reproduces Open-Sora v1.0, which (like DiT) guides only the first 3 of the 4 latent channels.
     """
@@ -216,6 +223,8 @@ class IDDPM:
         cfg_scale: float = 4.0,
         cfg_channels: int | None = None,
         loss_weighting: str = "uniform",
+        loss_weight_max: float | None = None,
+        prediction_type: str | None = None,
     ):
         if num_sampling_steps is not None:
             if timestep_respacing is not None:
@@ -226,6 +235,14 @@ class IDDPM:
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         self.loss_weighting = loss_weighting
+        if prediction_type is None:
+            prediction_type = "sample" if predict_xstart else "epsilon"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        if loss_weight_max is not None and not loss_weight_max > 0:
+            raise ValueError(f"loss_weight_max must be positive or None, got {loss_weight_max}")
+        self.loss_weight_max = loss_weight_max
         if cfg_channels is not None and cfg_channels <= 0:
             raise ValueError(f"cfg_channels must be positive or None, got {cfg_channels}")
         base_betas = get_named_beta_schedule(noise_schedule, diffusion_steps)  # (diffusion_steps,)
@@ -248,7 +265,7 @@ class IDDPM:
         self.diffusion_steps = diffusion_steps
         self.use_kl = use_kl
         self.sigma_small = sigma_small
-        self.predict_xstart = predict_xstart
+        self.predict_xstart = prediction_type == "sample"
         self.learn_sigma = learn_sigma
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.cfg_scale = cfg_scale
@@ -343,8 +360,11 @@ class IDDPM:
             variance = _extract(table, t, x).expand_as(x)
             log_variance = _extract(log_table, t, x).expand_as(x)
 
-        if self.predict_xstart:
+        if self.prediction_type == "sample":
             pred_xstart = model_output
+        elif self.prediction_type == "v_prediction":
+            pred_xstart = (_extract(self.sqrt_alphas_cumprod, t, x) * x
+                           - _extract(self.sqrt_one_minus_alphas_cumprod, t, x) * model_output)
         else:
             pred_xstart = (
                 _extract(self.sqrt_recip_alphas_cumprod, t, x) * x
@@ -485,11 +505,18 @@ class IDDPM:
                 # The original divides by 1000 so that the VB term does not swamp the MSE term.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
-        target = x_start if self.predict_xstart else noise
+        if self.prediction_type == "sample":
+            target = x_start
+        elif self.prediction_type == "v_prediction":
+            target = (_extract(self.sqrt_alphas_cumprod, t, x_start) * noise
+                      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+        else:
+            target = noise
         if model_output.shape != target.shape:
             raise ValueError(f"model output has shape {tuple(model_output.shape)}, expected {tuple(target.shape)}")
         terms["mse"] = mean_flat((target - model_output) ** 2)
-        mse = terms["mse"] if self.loss_weighting == "uniform" else terms["mse"] * self.mse_weight(t)
+        weighted = self.loss_weighting != "uniform" or self.loss_weight_max is not None
+        mse = terms["mse"] * self.mse_weight(t) if weighted else terms["mse"]
         terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 
@@ -498,8 +525,22 @@ class IDDPM:
         the noise MSE equals SNR x the x_0 MSE, so "uniform" noise prediction weighs x_0 errors by SNR, which is
         ~1e-3 at the high-noise steps that decide layout and motion. "min_snr": min(SNR, 5) (Hang et al. 2023,
         caps the low-noise steps); "truncated_snr": max(SNR, 1) (Salimans & Ho 2022; high-noise steps count as
-        much as the x_0 error itself)."""
+        much as the x_0 error itself).
+
+        ``loss_weight_max`` caps the weight of the MSE term as the model's target sees it (the noise, or x_0).
+        Uncapped, ``truncated_snr`` weighs the noise error at t = 999 by 1/SNR ~ 23,000: those few samples then
+        make up nearly all of a batch's gradient, although there a noise prediction carries almost nothing of
+        the clean video (x_0 is scaled by sqrt(abar) ~ 0.007). A cap of ~100 keeps the x_0 weighting up to
+        t ~ 700 of the linear schedule and a constant weight above it."""
         ac = self.alphas_cumprod.to(t.device)[t]
         snr = ac / (1.0 - ac)
-        x0_weight = snr.clamp(max=5.0) if self.loss_weighting == "min_snr" else snr.clamp(min=1.0)
-        return (x0_weight if self.predict_xstart else x0_weight / snr).float()
+        if self.loss_weighting == "uniform":
+            weight = torch.ones_like(snr)
+        else:
+            x0_weight = snr.clamp(max=5.0) if self.loss_weighting == "min_snr" else snr.clamp(min=1.0)
+            # the target's MSE per unit of x_0 MSE: 1 for x_0, SNR for the noise, 1 + SNR for v
+            per_x0 = {"sample": torch.ones_like(snr), "epsilon": snr, "v_prediction": 1.0 + snr}[self.prediction_type]
+            weight = x0_weight / per_x0
+        if self.loss_weight_max is not None:
+            weight = weight.clamp(max=self.loss_weight_max)
+        return weight.float()
