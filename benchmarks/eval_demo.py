@@ -80,7 +80,9 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
         "color": [prompt_for(colors[(colors.index(c) + 1) % len(colors)], s, m, b) for c, s, m, b in cases],
     }
     embeds = {k: pipe.encode_prompt(v) for k, v in captions.items()}
-    diffusion, g = IDDPM(timestep_respacing=""), torch.Generator().manual_seed(seed)
+    # the model's own kind of prediction, over the unrespaced steps the timesteps below index
+    diffusion = IDDPM(timestep_respacing="", prediction_type=pipe.scheduler.prediction_type)
+    g = torch.Generator().manual_seed(seed)
     out = {}
     for step in timesteps:
         t = torch.full((num_clips,), step, device=pipe.device)
@@ -89,13 +91,9 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
         abar = float(diffusion.alphas_cumprod[step])
 
         def noise_error(e: dict) -> float:
-            out = pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]]
-            # the noise an x_0 or v prediction implies, so that every kind of model compares
-            if pipe.scheduler.prediction_type == "sample":
-                out = (x_t - abar ** 0.5 * out) / (1 - abar) ** 0.5
-            elif pipe.scheduler.prediction_type == "v_prediction":
-                out = abar ** 0.5 * out + (1 - abar) ** 0.5 * x_t
-            return ((out - noise) ** 2).mean().item()
+            """MSE of the noise the prediction implies (whatever the model predicts, so every kind compares)."""
+            x0 = diffusion.pred_xstart_from_output(pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]], x_t, t)
+            return (((x_t - abar ** 0.5 * x0) / (1 - abar) ** 0.5 - noise) ** 2).mean().item()
 
         loss = {k: noise_error(e) for k, e in embeds.items()}
         out[step] = (loss["true"], 100 * (loss["motion"] / loss["true"] - 1), 100 * (loss["color"] / loss["true"] - 1))

@@ -83,7 +83,8 @@ class STDiTPipeline:
         model = STDiT.from_pretrained(str(folder)).to(device, dtype)
         text = load_text_encoder(settings.get("text_encoder"), settings.get("text_max_length"), device=device)
         vae = load_vae(settings.get("vae", "pixel"), device=device)
-        scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50), cfg_scale=settings.get("cfg_scale", 7.0),
+        scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50),
+                          cfg_scale=settings.get("cfg_scale", 7.0),
                           prediction_type=settings.get("prediction_type", "epsilon"))
         pipe = cls(model, text, vae, scheduler)
         pipe.defaults = settings
@@ -190,8 +191,8 @@ class SampleConfig:
     cfg_channels: int | None = field(default=None, metadata={
         "help": "guide only the first N eps channels (3 reproduces the original exactly); default all"})
     prediction_type: str | None = field(default=None, metadata={
-        "help": "what the model predicts: epsilon or sample (x_0); default: the model folder's pipeline.json, "
-                "the training run's config.yaml for a checkpoint of one of our runs, else epsilon",
+        "help": "what the model predicts: epsilon, sample (x_0) or v_prediction; default: the model folder's "
+                "pipeline.json, the training run's config.yaml for a checkpoint of one of our runs, else epsilon",
         "choices": list(PREDICTION_TYPES)})
     batch_size: int = field(default=1, metadata={"help": "prompts sampled together"})
     seed: int = field(default=42, metadata={"help": "random seed (videos are reproducible per seed)"})

@@ -104,9 +104,9 @@ class TrainConfig:
                 "(more weight on the high-noise steps that decide layout and motion; see docs/training.md)",
         "choices": list(LOSS_WEIGHTINGS)})
     prediction_type: str = field(default="epsilon", metadata={
-        "help": "(new) what the model predicts: epsilon (the noise, as Open-Sora) or sample (the clean video x_0; "
-                "with --loss_weighting truncated_snr the high-noise steps that decide layout and motion then get "
-                "an undiluted target; see docs/training.md). Recorded by opendit export for sampling",
+        "help": "(new) what the model predicts: epsilon (the noise, as Open-Sora), sample (the clean video x_0; pair "
+                "it with --loss_weighting truncated_snr) or v_prediction (the noise at low noise, -x_0 at high noise, "
+                "where layout and motion are decided; see docs/training.md). Recorded by opendit export for sampling",
         "choices": list(PREDICTION_TYPES)})
     timestep_range: tuple[int, int] | None = field(default=None, metadata={
         "help": "(new) draw training timesteps from LO..HI only (default: all 0..999), e.g. 700 999 for a phase "
@@ -156,7 +156,8 @@ class TrainConfig:
         if self.timestep_range is not None:
             self.timestep_range = tuple(int(v) for v in self.timestep_range)
             if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] <= self.timestep_range[1] <= 999:
-                raise ValueError(f"--timestep_range must be LO HI with 0 <= LO <= HI <= 999, got {self.timestep_range}")
+                raise ValueError(
+                    f"--timestep_range must be LO HI with 0 <= LO <= HI <= 999, got {self.timestep_range}")
         if self.loss_weight_max is not None and not self.loss_weight_max > 0:
             raise ValueError(f"--loss_weight_max must be > 0, got {self.loss_weight_max}")
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -89,8 +89,9 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
     """Draw a random path of ``motion`` that keeps the shape inside a frame of ``size`` = (H, W).
 
     Translations travel 40-60% of the frame from anywhere (``paths="anywhere"``, the bundled demo model's data)
-    or cross it edge to edge near its middle line (``paths="across"``); ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the
-    bottom edge (and ends where it started); ``growing``/``shrinking`` scale the radius about 3x.
+    or cross it edge to edge near its middle line (``paths="across"``); ``bouncing`` drops 1 or 2 times from a
+    height of 35-55% onto the bottom edge (and ends where it started); ``growing``/``shrinking`` scale the
+    radius about 3x.
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")

@@ -360,20 +360,30 @@ class IDDPM:
             variance = _extract(table, t, x).expand_as(x)
             log_variance = _extract(log_table, t, x).expand_as(x)
 
-        if self.prediction_type == "sample":
-            pred_xstart = model_output
-        elif self.prediction_type == "v_prediction":
-            pred_xstart = (_extract(self.sqrt_alphas_cumprod, t, x) * x
-                           - _extract(self.sqrt_one_minus_alphas_cumprod, t, x) * model_output)
-        else:
-            pred_xstart = (
-                _extract(self.sqrt_recip_alphas_cumprod, t, x) * x
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x) * model_output
-            )
+        pred_xstart = self.pred_xstart_from_output(model_output, x, t)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+
+    def pred_xstart_from_output(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x_0 that a prediction at (x_t, t) implies: its noise, x_0 or v channels, as ``prediction_type`` says."""
+        if self.prediction_type == "sample":
+            return model_output
+        if self.prediction_type == "v_prediction":
+            return (_extract(self.sqrt_alphas_cumprod, t, x) * x
+                    - _extract(self.sqrt_one_minus_alphas_cumprod, t, x) * model_output)
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x) * x
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x) * model_output)
+
+    def prediction_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model should output at t for this x_0 and noise: the inverse of ``pred_xstart_from_output``."""
+        if self.prediction_type == "sample":
+            return x_start
+        if self.prediction_type == "v_prediction":
+            return (_extract(self.sqrt_alphas_cumprod, t, x_start) * noise
+                    - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+        return noise
 
     def p_mean_variance(
         self,
@@ -505,18 +515,11 @@ class IDDPM:
                 # The original divides by 1000 so that the VB term does not swamp the MSE term.
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
-        if self.prediction_type == "sample":
-            target = x_start
-        elif self.prediction_type == "v_prediction":
-            target = (_extract(self.sqrt_alphas_cumprod, t, x_start) * noise
-                      - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
-        else:
-            target = noise
+        target = self.prediction_target(x_start, t, noise)
         if model_output.shape != target.shape:
             raise ValueError(f"model output has shape {tuple(model_output.shape)}, expected {tuple(target.shape)}")
         terms["mse"] = mean_flat((target - model_output) ** 2)
-        weighted = self.loss_weighting != "uniform" or self.loss_weight_max is not None
-        mse = terms["mse"] * self.mse_weight(t) if weighted else terms["mse"]
+        mse = terms["mse"] * self.mse_weight(t)  # exactly 1 for "uniform" without a cap
         terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 
