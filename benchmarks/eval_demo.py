@@ -3,6 +3,7 @@
     python benchmarks/eval_demo.py                       # bundled model, every colour x motion, 2 seeds
     python benchmarks/eval_demo.py --model DIR --seeds 0 1 2 --steps 30
     python benchmarks/eval_demo.py --word_use            # fast check: does the model use motion/colour words?
+    python benchmarks/eval_demo.py --model DIR --word_use --paths across --timesteps 700 850 950   # an expert
 
 For each prompt "a {colour} {shape} {motion phrase}" and seed, the video is generated, written to mp4 and
 decoded again (what a user sees), then `opendit.data.synthetic.analyze_clip` finds the dominant object: its
@@ -28,7 +29,7 @@ import torch
 
 from opendit.data.dataset import resize_crop
 from opendit.data.synthetic import (BACKGROUNDS, COLORS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, OPPOSITE_MOTIONS,
-                                    SHAPES, analyze_clip, render_clip)
+                                    PATHS, SHAPES, analyze_clip, render_clip)
 from opendit.data.video import read_frames, write_frame_strip, write_video
 from opendit.diffusion import IDDPM
 from opendit.sample import BUNDLED_MODEL, STDiTPipeline
@@ -62,7 +63,7 @@ def evaluate(pipe: STDiTPipeline, colors: list[str], motions: list[str], shape: 
 
 @torch.no_grad()
 def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...] = (300, 500, 700, 850),
-             seed: int = 0) -> dict[int, tuple[float, float, float]]:
+             seed: int = 0, paths: str = "anywhere") -> dict[int, tuple[float, float, float]]:
     """{timestep: (loss, % rise with the motion word swapped, % rise with the colour word swapped)} on rendered
     clips of the four translations (same clips, noise and timestep for the three captions)."""
     d, rng = pipe.defaults, np.random.default_rng(seed)
@@ -71,7 +72,8 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
     cases = [(str(rng.choice(colors)), str(rng.choice(SHAPES)), translations[i % 4], str(rng.choice(list(BACKGROUNDS))))
              for i in range(num_clips)]
     size = tuple(d["image_size"])
-    clips = [render_clip(c, s, m, b, size=size, num_frames=d["num_frames"], rng=rng) for c, s, m, b in cases]
+    clips = [render_clip(c, s, m, b, size=size, num_frames=d["num_frames"], rng=rng, paths=paths)
+             for c, s, m, b in cases]
     video = torch.stack([resize_crop(torch.from_numpy(f), size) for f in clips])  # (B, 3, T, H, W) in [-1, 1]
     z = pipe.vae.encode(video.to(pipe.device))
     captions = {
@@ -137,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strip", default=None, help="also write a PNG frame strip of the first seed's videos")
     p.add_argument("--strip_scale", type=int, default=3, help="pixel enlargement of the strip")
     p.add_argument("--word_use", action="store_true", help="only the loss rise when motion/colour words are swapped")
+    p.add_argument("--paths", choices=PATHS, default="anywhere",
+                   help="--word_use: the translations' paths (prepare synthetic --paths; 'across' for a model "
+                        "trained on such data)")
+    p.add_argument("--timesteps", nargs="+", type=int, default=[300, 500, 700, 850],
+                   help="--word_use: the noise steps to measure at (e.g. 900 950 for a high-noise expert)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.time()
     pipe = STDiTPipeline.from_pretrained(args.model, device="cpu")
     if args.word_use:
-        word_use(pipe, seed=args.seeds[0])
+        word_use(pipe, timesteps=tuple(args.timesteps), seed=args.seeds[0], paths=args.paths)
         print(f"\n{time.time() - t0:.0f}s on {torch.get_num_threads()} CPU threads")
         return 0
     results = evaluate(pipe, args.colors, args.motions, args.shape, args.background, args.seeds, args.steps,

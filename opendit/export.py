@@ -6,12 +6,18 @@
 
 The folder holds `config.json` (STDiT keywords), `model.safetensors` (the EMA weights) and `pipeline.json`
 (text encoder, VAE, sizes and sampling defaults, taken from the run's config.yaml unless given).
+
+A model trained only on the high-noise steps (`opendit train --timestep_range 600 999`) joins an exported
+folder as its high-noise expert (`opendit.diffusion.experts`), written to FOLDER/high_noise:
+
+    opendit export --checkpoint outputs/001-expert/epoch20-global_step4000 --high_noise_of my_model/ --from_timestep 600
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -74,11 +80,43 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
     return out
 
 
+def add_high_noise_expert(checkpoint: str | Path, parent: str | Path, from_timestep: int,
+                          weights: str = "ema") -> Path:
+    """Export the checkpoint to `parent/high_noise` and name it in `parent/pipeline.json` as the model for the
+    timesteps >= ``from_timestep``; the two must share the text encoder, VAE and sizes."""
+    parent = Path(parent)
+    settings_path = parent / "pipeline.json"
+    if not settings_path.is_file():
+        raise FileNotFoundError(f"no pipeline.json in {parent} (--high_noise_of): export the main model there first")
+    settings = json.loads(settings_path.read_text())
+    if not 0 < from_timestep < 1000:
+        raise ValueError(f"--from_timestep must be in 1..999, got {from_timestep}")
+    staging = parent / ".high_noise.partial"  # checked before it replaces anything in the folder
+    shutil.rmtree(staging, ignore_errors=True)
+    export_checkpoint(checkpoint, staging, weights=weights)
+    expert = json.loads((staging / "pipeline.json").read_text())
+    for key in ("text_encoder", "text_max_length", "vae", "image_size", "num_frames"):
+        if expert.get(key) != settings.get(key):
+            shutil.rmtree(staging)
+            raise ValueError(f"the expert's {key} {expert.get(key)!r} differs from {settings_path}'s "
+                             f"{settings.get(key)!r}: both models must read the same captions and latents")
+    out = parent / "high_noise"
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    settings["high_noise_model"] = {"folder": "high_noise", "from_timestep": from_timestep}
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="opendit export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's epochE-global_stepS folder (holds ema.pt)")
-    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--out", default=None, help="model folder to write (required unless --high_noise_of)")
+    p.add_argument("--high_noise_of", default=None,
+                   help="an exported model folder: add this checkpoint to it as its high-noise expert")
+    p.add_argument("--from_timestep", type=int, default=600,
+                   help="with --high_noise_of: the expert denoises timesteps >= this (its --timestep_range LO)")
     p.add_argument("--num_sampling_steps", type=int, default=50, help="default denoising steps of the folder")
     p.add_argument("--cfg_scale", type=float, default=7.0, help="default guidance scale of the folder")
     p.add_argument("--fps", type=int, default=8, help="frames per second of sampled videos")
@@ -87,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="ema", choices=["ema", "model"],
                    help="the EMA weights (ema.pt, default) or the trained weights (model/)")
     args = p.parse_args(argv)
+    if (args.out is None) == (args.high_noise_of is None):
+        p.error("give exactly one of --out and --high_noise_of")
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.num_sampling_steps, args.cfg_scale,
-                                args.fps, args.text_encoder, args.vae, args.weights)
+        if args.high_noise_of:
+            out = add_high_noise_expert(args.checkpoint, args.high_noise_of, args.from_timestep, args.weights)
+        else:
+            out = export_checkpoint(args.checkpoint, args.out, args.num_sampling_steps, args.cfg_scale,
+                                    args.fps, args.text_encoder, args.vae, args.weights)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"opendit export: error: {e}", file=sys.stderr)
         return 1

@@ -80,7 +80,7 @@ class STDiTPipeline:
         folder = Path(folder)
         settings = read_pipeline_json(folder)
         device = torch.device(device) if device is not None else default_device()
-        model = STDiT.from_pretrained(str(folder)).to(device, dtype)
+        model = load_model_folder(folder).to(device, dtype)
         text = load_text_encoder(settings.get("text_encoder"), settings.get("text_max_length"), device=device)
         vae = load_vae(settings.get("vae", "pixel"), device=device)
         scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50),
@@ -162,6 +162,34 @@ def read_pipeline_json(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no pipeline.json in model folder {folder}")
     return json.loads(path.read_text())
+
+
+def load_model_folder(folder: str | Path, **overrides) -> torch.nn.Module:
+    """The STDiT of a model folder (config.json + model.safetensors; ``overrides`` replace config keys), paired
+    with its high-noise expert when pipeline.json names one::
+
+        "high_noise_model": {"folder": "high_noise", "from_timestep": 600}
+
+    (a sub-folder of the same layout, whose own pipeline.json gives its prediction type). The pair's output is
+    of the main model's prediction type (pipeline.json's ``prediction_type``), so the scheduler needs no change.
+    """
+    from opendit.diffusion.experts import NoiseLevelExperts
+
+    folder = Path(folder)
+    model = STDiT.from_pretrained(str(folder), **overrides)
+    settings = read_pipeline_json(folder) if (folder / "pipeline.json").is_file() else {}
+    expert = settings.get("high_noise_model")
+    if expert is None:
+        return model
+    try:
+        sub, from_timestep = folder / expert["folder"], int(expert["from_timestep"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'pipeline.json'}: high_noise_model must be "
+                         f'{{"folder": ..., "from_timestep": ...}}, got {expert!r}') from e
+    high = STDiT.from_pretrained(str(sub), **overrides)
+    high_type = read_pipeline_json(sub).get("prediction_type", "epsilon")
+    logger.info(f"high-noise expert {sub} ({high_type}) for timesteps >= {from_timestep}")
+    return NoiseLevelExperts(model, high, from_timestep, settings.get("prediction_type", "epsilon"), high_type)
 
 
 #################################################################################
@@ -267,12 +295,12 @@ def resolve_settings(cfg: SampleConfig) -> dict:
 
 
 def build_sampling_model(s: dict, caption_channels: int, latent_size: tuple, in_channels: int, cfg: SampleConfig,
-                         device: torch.device, dtype: torch.dtype) -> STDiT:
+                         device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     overrides = dict(enable_flashattn=cfg.enable_flashattn, enable_layernorm_kernel=cfg.enable_layernorm_kernel,
                      enable_modulate_kernel=cfg.enable_modulate_kernel)
     overrides.update({k: s[k] for k in ("space_scale", "time_scale") if s[k] is not None})
     if s["model_folder"] is not None:  # config.json + safetensors: the folder knows its own shape
-        model = STDiT.from_pretrained(s["model_folder"], **overrides)
+        model = load_model_folder(s["model_folder"], **overrides)
     elif (run_config := find_run_model_config(s["checkpoint"])) is not None:  # an ema.pt of one of our runs
         logger.info(f"model configuration from {run_config}")
         model = STDiT(STDiTConfig.from_dict({**json.loads(run_config.read_text()), **overrides}))
@@ -326,14 +354,15 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
     vae = load_vae(s["vae"], dtype=dtype, device=device)
     latent_size = vae.get_latent_size((s["num_frames"], H, W))
     model = build_sampling_model(s, caption_channels, latent_size, vae.out_channels, cfg, device, dtype)
-    if cfg.compile:
-        from opendit.parallel.checkpointing import apply_compile
+    for stdit in getattr(model, "experts", [model]):  # a model folder may pair two STDiTs (NoiseLevelExperts)
+        if cfg.compile:
+            from opendit.parallel.checkpointing import apply_compile
 
-        apply_compile(model)
-    if cfg.sequence_parallel_size > 1:
-        from opendit.parallel.sequence import setup_sequence_parallel_sampling
+            apply_compile(stdit)
+        if cfg.sequence_parallel_size > 1:
+            from opendit.parallel.sequence import setup_sequence_parallel_sampling
 
-        setup_sequence_parallel_sampling(model, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
+            setup_sequence_parallel_sampling(stdit, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
     pipe = STDiTPipeline(model, None, vae, IDDPM(num_sampling_steps=s["num_sampling_steps"],
                                                    cfg_scale=s["cfg_scale"], cfg_channels=cfg.cfg_channels,
                                                    prediction_type=s["prediction_type"]))

@@ -248,6 +248,38 @@ def test_x0_prediction_is_trained_exported_and_sampled_as_such(assets, tmp_path)
                         "--save_dir", str(tmp_path / "samples")]) == 0
 
 
+def test_high_noise_expert_is_trained_exported_into_a_folder_and_sampled(assets, tmp_path):
+    """A v-prediction run on steps 600..999 joins an epsilon model's folder (export --high_noise_of); the folder
+    then loads as the pair and samples; a mismatched expert is refused before the folder changes."""
+    from opendit.diffusion.experts import NoiseLevelExperts
+    from opendit.sample import STDiTPipeline
+
+    assert train_mod.main(argv(assets, tmp_path / "main", max_steps=2, ckpt_every=2)) == 0
+    assert train_mod.main(argv(assets, tmp_path / "high", max_steps=2, ckpt_every=2, prediction_type="v_prediction",
+                               timestep_range=(600, 999))) == 0
+    (main_ckpt,) = experiments(tmp_path / "main")[0].glob("epoch*-global_step2")
+    (high_ckpt,) = experiments(tmp_path / "high")[0].glob("epoch*-global_step2")
+    folder = tmp_path / "pair"
+    assert export_main(["--checkpoint", str(main_ckpt), "--out", str(folder), "--num_sampling_steps", "4"]) == 0
+    assert export_main(["--checkpoint", str(high_ckpt), "--high_noise_of", str(folder), "--from_timestep", "600"]) == 0
+    settings = json.loads((folder / "pipeline.json").read_text())
+    assert settings["high_noise_model"] == {"folder": "high_noise", "from_timestep": 600}
+    assert json.loads((folder / "high_noise" / "pipeline.json").read_text())["prediction_type"] == "v_prediction"
+    pipe = STDiTPipeline.from_pretrained(folder, device="cpu")
+    assert isinstance(pipe.model, NoiseLevelExperts) and pipe.scheduler.prediction_type == "epsilon"
+    assert sample_main(["--model_pretrained_path", str(folder), "--prompt", "a red ball",
+                        "--save_dir", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "sample_0.mp4").exists()
+
+    other = tmp_path / "other"  # a folder of other sizes: the expert does not fit it
+    assert export_main(["--checkpoint", str(main_ckpt), "--out", str(other)]) == 0
+    settings = json.loads((other / "pipeline.json").read_text())
+    (other / "pipeline.json").write_text(json.dumps({**settings, "num_frames": 8}))
+    assert export_main(["--checkpoint", str(high_ckpt), "--high_noise_of", str(other)]) == 1
+    assert "high_noise_model" not in json.loads((other / "pipeline.json").read_text())
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "model.safetensors", "pipeline.json"]
+
+
 def test_resume_continues_exactly(assets, tmp_path):
     """Stop after 3 steps (mid-epoch), --load: steps 4-6 have the uninterrupted run's losses, caption dropout
     (global RNG, restored from the checkpoint) included."""

@@ -176,10 +176,10 @@ def render_frames(color: str, shape: str, trajectory: Trajectory, background: st
 
 
 def render_clip(color: str, shape: str, motion: str, background: str, size: tuple[int, int] = (32, 32),
-                num_frames: int = 16, rng: np.random.Generator | None = None) -> np.ndarray:
+                num_frames: int = 16, rng: np.random.Generator | None = None, paths: str = "anywhere") -> np.ndarray:
     """Render one clip, uint8 (T, H, W, 3); the path is drawn from ``rng`` by :func:`sample_trajectory`."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    trajectory = sample_trajectory(motion, size, num_frames, rng)
+    trajectory = sample_trajectory(motion, size, num_frames, rng, paths)
     return render_frames(color, shape, trajectory, background, size)
 
 
