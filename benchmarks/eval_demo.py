@@ -90,12 +90,11 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
         t = torch.full((num_clips,), step, device=pipe.device)
         noise = torch.randn(z.shape, generator=g).to(z)
         x_t = diffusion.q_sample(z, t, noise)
-        abar = float(diffusion.alphas_cumprod[step])
 
         def noise_error(e: dict) -> float:
             """MSE of the noise the prediction implies (whatever the model predicts, so every kind compares)."""
             x0 = diffusion.pred_xstart_from_output(pipe.model(x_t, t, e["y"], e["mask"])[:, : z.shape[1]], x_t, t)
-            return (((x_t - abar ** 0.5 * x0) / (1 - abar) ** 0.5 - noise) ** 2).mean().item()
+            return ((diffusion.noise_from_xstart(x0, x_t, t) - noise) ** 2).mean().item()
 
         loss = {k: noise_error(e) for k, e in embeds.items()}
         out[step] = (loss["true"], 100 * (loss["motion"] / loss["true"] - 1), 100 * (loss["color"] / loss["true"] - 1))

@@ -93,13 +93,16 @@ def add_high_noise_expert(checkpoint: str | Path, parent: str | Path, from_times
         raise ValueError(f"--from_timestep must be in 1..999, got {from_timestep}")
     staging = parent / ".high_noise.partial"  # checked before it replaces anything in the folder
     shutil.rmtree(staging, ignore_errors=True)
-    export_checkpoint(checkpoint, staging, weights=weights)
-    expert = json.loads((staging / "pipeline.json").read_text())
-    for key in ("text_encoder", "text_max_length", "vae", "image_size", "num_frames"):
-        if expert.get(key) != settings.get(key):
-            shutil.rmtree(staging)
-            raise ValueError(f"the expert's {key} {expert.get(key)!r} differs from {settings_path}'s "
-                             f"{settings.get(key)!r}: both models must read the same captions and latents")
+    try:
+        export_checkpoint(checkpoint, staging, weights=weights)
+        expert = json.loads((staging / "pipeline.json").read_text())
+        for key in ("text_encoder", "text_max_length", "vae", "image_size", "num_frames"):
+            if expert.get(key) != settings.get(key):
+                raise ValueError(f"the expert's {key} {expert.get(key)!r} differs from {settings_path}'s "
+                                 f"{settings.get(key)!r}: both models must read the same captions and latents")
+    except BaseException:  # a failed export or check leaves the folder as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     out = parent / "high_noise"
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

@@ -219,6 +219,7 @@ def test_prediction_types_agree_on_x0_and_on_the_weighted_loss(kind):
     target = {"epsilon": noise, "sample": x_start, "v_prediction": ac.sqrt() * noise - (1 - ac).sqrt() * x_start}[kind]
     oracle = d.p_mean_variance(lambda x, t_: target, x_t, t)["pred_xstart"]
     torch.testing.assert_close(oracle, x_start)
+    torch.testing.assert_close(d.noise_from_xstart(x_start, x_t, t), noise)  # q_sample inverted
     wrong = target + 0.01 * torch.randn_like(target)
     out = d.training_losses(lambda x, t_: wrong, x_start, t, noise=noise)
     x0_hat = d.p_mean_variance(lambda x, t_: wrong, x_t, t)["pred_xstart"]

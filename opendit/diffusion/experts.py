@@ -79,8 +79,8 @@ class NoiseLevelExperts(nn.Module):
             return out
         c = x.shape[1]
         pred, rest = out[:, :c], out[:, c:]  # the prediction, then the learned-variance channels (kept as they are)
-        x0 = self.high_diffusion.pred_xstart_from_output(pred.double(), x.double(), t)
-        abar = self.low_diffusion.alphas_cumprod.to(x.device)[t].view(-1, *([1] * (x.ndim - 1)))
-        noise = (x.double() - abar.sqrt() * x0) / (1 - abar).sqrt()
+        x, pred = x.double(), pred.double()  # the conversion divides by sqrt(1 - abar) and sqrt(abar): keep digits
+        x0 = self.high_diffusion.pred_xstart_from_output(pred, x, t)
+        noise = self.low_diffusion.noise_from_xstart(x0, x, t)
         pred = self.low_diffusion.prediction_target(x0, t, noise).to(out.dtype)
         return torch.cat([pred, rest], dim=1)

@@ -376,6 +376,11 @@ class IDDPM:
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x) * x
                 - _extract(self.sqrt_recipm1_alphas_cumprod, t, x) * model_output)
 
+    def noise_from_xstart(self, x_start: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise that x_t = ``x`` holds at t if its clean video is ``x_start`` (inverts ``q_sample``)."""
+        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x) * x - x_start)
+                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x))
+
     def prediction_target(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the model should output at t for this x_0 and noise: the inverse of ``pred_xstart_from_output``."""
         if self.prediction_type == "sample":
