@@ -35,7 +35,7 @@ from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, OPPOSITE_
 from opendit.encoders import load_text_encoder
 from opendit.models import STDiT
 
-WORDS = {"translate": ["left", "right", "up", "down"], "static": ["left", "right", "up", "down"],
+WORDS = {"translate": ["left", "right", "up", "down"], "outward": ["left", "right", "up", "down"], "static": ["left", "right", "up", "down"],
          "size": ["growing", "shrinking"], "one": ["right"]}
 
 
@@ -50,6 +50,11 @@ def trajectory(task: str, word: str, size: int, frames: int, rng: np.random.Gene
     dy, dx = MOTION_DIRECTIONS[word]
     if task == "static":
         along = np.full(frames, size * (0.75 if dx + dy > 0 else 0.25) + rng.uniform(-2, 2))
+    elif task == "outward":  # from near the centre to near the edge the word names
+        begin, end = size / 2 + rng.uniform(-0.05, 0.05) * size, size - radius - rng.uniform(0, 0.08) * size
+        along = begin + (end - begin) * t
+        if dx + dy < 0:
+            along = size - along
     else:  # from near one edge to near the other
         begin, end = radius + rng.uniform(0, 0.08) * size, size - radius - rng.uniform(0, 0.08) * size
         along = begin + (end - begin) * t
@@ -74,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --text_init_gain, keep the cross-attention output at zero as in the original")
     p.add_argument("--init_from", default=None, help="start from weights another probe run saved (a curriculum)")
     p.add_argument("--save_to", default=None, help="save the trained weights here (safetensors)")
+    p.add_argument("--patch", type=int, default=4, help="spatial patch size in pixels (8: 4x fewer tokens)")
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--random_captions", action="store_true",
+                   help="replace the encoded captions by independent random vectors (is the text encoder the limit?)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     size, frames, n_clips = 32, 8, 4096
     words = WORDS[args.task]
     text = load_text_encoder("minilm", 16, device="cpu")
-    model = STDiT(input_size=(frames, size, size), in_channels=3, patch_size=(1, 4, 4), hidden_size=128, depth=4,
+    model = STDiT(input_size=(frames, size, size), in_channels=3, patch_size=(1, args.patch, args.patch), hidden_size=args.hidden_size, depth=4,
                   num_heads=4, caption_channels=text.output_dim, model_max_length=16, temporal_pos=args.temporal_pos,
                   pred_sigma=False, class_dropout_prob=0.0,
                   text_init_gain=args.text_init_gain)
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     videos = torch.stack([resize_crop(torch.from_numpy(c), (size, size)) for c in clips])  # (N, 3, T, H, W)
     word_of = torch.from_numpy(word_of)
     captions = text.encode([f"a red circle {MOTION_PHRASES[w][0]} on a black background" for w in words])
+    if args.random_captions:
+        g = torch.Generator().manual_seed(args.seed)
+        captions["y"] = torch.randn(captions["y"].shape, generator=g) * captions["y"].std()
     swapped = torch.tensor([words.index(OPPOSITE_MOTIONS[w]) if OPPOSITE_MOTIONS[w] in words else i
                             for i, w in enumerate(words)])  # caption index with the opposite word
 

@@ -69,7 +69,7 @@ SYNTHETIC_VOCAB: dict[str, object] = {
 RADIUS_RANGE = (0.12, 0.20)
 SMALL, BIG = 0.14, 0.18
 SUPERSAMPLE = 4  # sub-pixels per side for anti-aliased edges
-PATHS = ("anywhere", "across")  # where translations run: see sample_trajectory
+PATHS = ("anywhere", "across", "outward")  # where translations run: see sample_trajectory
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -89,7 +89,8 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
     """Draw a random path of ``motion`` that keeps the shape inside a frame of ``size`` = (H, W).
 
     Translations travel 40-60% of the frame from anywhere (``paths="anywhere"``, the bundled demo model's data)
-    or cross it edge to edge near its middle line (``paths="across"``); ``bouncing`` drops 1 or 2 times from a
+    or cross it edge to edge near its middle line (``paths="across"``) or run from near the centre to near the
+    edge the motion names (``paths="outward"``, the demo model's data since docs/demo_model.md section 8); ``bouncing`` drops 1 or 2 times from a
     height of 35-55% onto the bottom edge (and ends where it started); ``growing``/``shrinking`` scale the
     radius about 3x.
     """
@@ -125,13 +126,20 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
         begin = radius + rng.uniform(0.0, 0.08) * along
         distance = along - radius - rng.uniform(0.0, 0.08) * along - begin
         other_position = across / 2 + rng.uniform(-0.15, 0.15) * across
+    elif paths == "outward":
+        # Why: "right" and "left" then differ in *where* the shape is (right or left half), not only in the order
+        # of the same places, which a small model learns first-order (docs/demo_model.md, section 8).
+        begin = along / 2 + rng.uniform(-0.05, 0.05) * along
+        distance = along - radius - rng.uniform(0.0, 0.08) * along - begin
+        other_position = across / 2 + rng.uniform(-0.15, 0.15) * across
     else:
         distance = min(rng.uniform(0.4, 0.6) * along, along - 2 * radius)
         begin = rng.uniform(radius, along - radius - distance)
         other_position = rng.uniform(radius, across - radius)
     position = begin + distance * t  # increasing coordinate
     if dx < 0 or dy < 0:
-        position = position[::-1]
+        # outward: mirrored about the centre (it still starts there); otherwise the same places in reverse order
+        position = along - position if paths == "outward" else position[::-1]
     other = np.full(num_frames, other_position)
     centers = np.stack([other, position], axis=1) if dx else np.stack([position, other], axis=1)
     return Trajectory(centers, radii)
