@@ -317,6 +317,24 @@ def test_across_paths_cross_the_frame_near_its_middle():
             assert np.all(np.abs(across - other / 2) <= 0.15 * other + 1e-9) and np.ptp(across) == 0
 
 
+def test_outward_paths_run_from_the_centre_into_the_named_half():
+    """paths="outward": the shape starts near the centre and ends near the edge the word names, so opposite words
+    put it in opposite halves; the clip still reads as that motion."""
+    for motion, (dy, dx) in MOTION_DIRECTIONS.items():
+        for seed in range(20):
+            path = sample_trajectory(motion, (32, 40), 8, np.random.default_rng(seed), paths="outward")
+            along, across, size, other = (path.centers[:, 1], path.centers[:, 0], 40, 32) if dx else \
+                (path.centers[:, 0], path.centers[:, 1], 32, 40)
+            toward = along if dx + dy > 0 else size - along  # coordinate growing towards the named edge
+            r = path.radii[0]
+            assert abs(toward[0] - size / 2) <= 0.05 * size + 1e-9
+            assert size - r - 0.08 * size - 1e-9 <= toward[-1] <= size - r and np.all(np.diff(toward) > 0)
+            assert np.all(np.abs(across - other / 2) <= 0.15 * other + 1e-9) and np.ptp(across) == 0
+        frames = render_clip("red", "circle", motion, "black", size=(32, 40), num_frames=8,
+                             rng=np.random.default_rng(0), paths="outward")
+        assert analyze_clip(frames)["motion"] == motion
+
+
 def test_synthetic_dataset_is_deterministic_and_captions_match(tmp_path):
     csv_a = write_synthetic_dataset(tmp_path / "a", num=12, seed=7, num_frames=8)
     csv_b = write_synthetic_dataset(tmp_path / "b", num=12, seed=7, num_frames=8)

@@ -444,7 +444,8 @@ def register_synthetic(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--paths", choices=list(PATHS), default="anywhere",
                    help="translations travel 40-60%% of the frame from anywhere (the bundled model's data), or "
                         "cross it edge to edge near the middle line, so the direction word says where the shape "
-                        "is in every frame (docs/demo_model.md)")
+                        "is in every frame, or run from near the centre to the named edge ('outward': opposite "
+                        "words then also differ in which half the shape is in; docs/demo_model.md)")
     p.set_defaults(func=run_synthetic)
 
 
