@@ -11,7 +11,9 @@ where a sample's layout and motion are decided. Four caption variants ("moving t
 one colour and background; only the word that changes the clip differs. It prints the clean-clip MSE with the
 true caption and with the opposite word: equal means the model ignores the word.
 
-Tasks: ``translate`` (shape crosses the frame in the word's direction), ``static`` (shape sits at that side, no
+Tasks: ``translate`` (shape crosses the frame in the word's direction), ``outward`` (shape runs from the centre
+to the edge the word names: `prepare synthetic --paths outward`, learned from step 375-750 with
+--text_init_gain 2 where ``translate`` was not, docs/demo_model.md section 8), ``static`` (shape sits at that side, no
 motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to read, only
 frame order). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one``
 and ``size`` are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
@@ -31,12 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from opendit.data.dataset import resize_crop
 from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, OPPOSITE_MOTIONS, RADIUS_RANGE, SHAPES,
-                                    Trajectory, render_frames)
+                                    Trajectory, render_frames, sample_trajectory)
 from opendit.encoders import load_text_encoder
 from opendit.models import STDiT
 
-WORDS = {"translate": ["left", "right", "up", "down"], "outward": ["left", "right", "up", "down"], "static": ["left", "right", "up", "down"],
-         "size": ["growing", "shrinking"], "one": ["right"]}
+DIRECTIONS = ["left", "right", "up", "down"]
+WORDS = {"translate": DIRECTIONS, "outward": DIRECTIONS, "static": DIRECTIONS, "size": ["growing", "shrinking"],
+         "one": ["right"]}
 
 
 def trajectory(task: str, word: str, size: int, frames: int, rng: np.random.Generator) -> Trajectory:
@@ -46,20 +49,11 @@ def trajectory(task: str, word: str, size: int, frames: int, rng: np.random.Gene
         small, big = 0.08 * size, 0.26 * size
         radii = small + (big - small) * (t if word == "growing" else 1.0 - t)
         return Trajectory(np.full((frames, 2), size / 2), radii)
+    if task != "static":  # translate, one: edge to edge (the "across" paths); outward: centre to the named edge
+        return sample_trajectory(word, (size, size), frames, rng, paths="outward" if task == "outward" else "across")
     radius = rng.uniform(*RADIUS_RANGE) * size
     dy, dx = MOTION_DIRECTIONS[word]
-    if task == "static":
-        along = np.full(frames, size * (0.75 if dx + dy > 0 else 0.25) + rng.uniform(-2, 2))
-    elif task == "outward":  # from near the centre to near the edge the word names
-        begin, end = size / 2 + rng.uniform(-0.05, 0.05) * size, size - radius - rng.uniform(0, 0.08) * size
-        along = begin + (end - begin) * t
-        if dx + dy < 0:
-            along = size - along
-    else:  # from near one edge to near the other
-        begin, end = radius + rng.uniform(0, 0.08) * size, size - radius - rng.uniform(0, 0.08) * size
-        along = begin + (end - begin) * t
-        if dx + dy < 0:
-            along = along[::-1]
+    along = np.full(frames, size * (0.75 if dx + dy > 0 else 0.25) + rng.uniform(-2, 2))
     across = np.full(frames, size / 2 + rng.uniform(-0.15, 0.15) * size)
     centers = np.stack([across, along], 1) if dx else np.stack([along, across], 1)
     return Trajectory(centers, np.full(frames, radius))
@@ -80,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init_from", default=None, help="start from weights another probe run saved (a curriculum)")
     p.add_argument("--save_to", default=None, help="save the trained weights here (safetensors)")
     p.add_argument("--patch", type=int, default=4, help="spatial patch size in pixels (8: 4x fewer tokens)")
-    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--hidden_size", type=int, default=128, help="model width (the demo model's: 128)")
     p.add_argument("--random_captions", action="store_true",
                    help="replace the encoded captions by independent random vectors (is the text encoder the limit?)")
     p.add_argument("--eval_every", type=int, default=250)
@@ -92,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     size, frames, n_clips = 32, 8, 4096
     words = WORDS[args.task]
     text = load_text_encoder("minilm", 16, device="cpu")
-    model = STDiT(input_size=(frames, size, size), in_channels=3, patch_size=(1, args.patch, args.patch), hidden_size=args.hidden_size, depth=4,
-                  num_heads=4, caption_channels=text.output_dim, model_max_length=16, temporal_pos=args.temporal_pos,
-                  pred_sigma=False, class_dropout_prob=0.0,
+    model = STDiT(input_size=(frames, size, size), in_channels=3, patch_size=(1, args.patch, args.patch),
+                  hidden_size=args.hidden_size, depth=4, num_heads=4, caption_channels=text.output_dim,
+                  model_max_length=16, temporal_pos=args.temporal_pos, pred_sigma=False, class_dropout_prob=0.0,
                   text_init_gain=args.text_init_gain)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # a regression head, not a zero-init residual
     if args.zero_cross_proj:

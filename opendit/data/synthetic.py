@@ -90,9 +90,9 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
 
     Translations travel 40-60% of the frame from anywhere (``paths="anywhere"``, the bundled demo model's data)
     or cross it edge to edge near its middle line (``paths="across"``) or run from near the centre to near the
-    edge the motion names (``paths="outward"``, the demo model's data since docs/demo_model.md section 8); ``bouncing`` drops 1 or 2 times from a
-    height of 35-55% onto the bottom edge (and ends where it started); ``growing``/``shrinking`` scale the
-    radius about 3x.
+    edge the motion names (``paths="outward"``: opposite words then differ in which half the shape is in,
+    docs/demo_model.md section 8); ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the bottom edge
+    (and ends where it started); ``growing``/``shrinking`` scale the radius about 3x.
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
