@@ -15,7 +15,7 @@ Tasks: ``translate`` (shape crosses the frame in the word's direction), ``outwar
 to the edge the word names: `prepare synthetic --paths outward`, learned from step 375-750 with
 --text_init_gain 2 where ``translate`` was not, docs/demo_model.md section 8), ``static`` (shape sits at that side, no
 motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to read, only
-frame order). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one``
+frame order). ``--phrasings`` captions each clip in one of the word's phrasings (learned as fast: section 9). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one``
 and ``size`` are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
 --text_init_gain 2 (a non-zero cross-attention output and larger caption projections) ``static`` is learned in
 500 steps and ``translate`` in two of three runs within 1,000-1,250 steps (the third not by 1,250).
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden_size", type=int, default=128, help="model width (the demo model's: 128)")
     p.add_argument("--random_captions", action="store_true",
                    help="replace the encoded captions by independent random vectors (is the text encoder the limit?)")
+    p.add_argument("--phrasings", action="store_true",
+                   help="each clip's caption in one of the word's phrasings (prepare synthetic's), not always the "
+                        "first; the evaluation still uses the first (is caption variety the limit?)")
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -103,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                            (size, size)) for i in word_of]
     videos = torch.stack([resize_crop(torch.from_numpy(c), (size, size)) for c in clips])  # (N, 3, T, H, W)
     word_of = torch.from_numpy(word_of)
-    captions = text.encode([f"a red circle {MOTION_PHRASES[w][0]} on a black background" for w in words])
+    # caption k * n_phrases + j: word k in its phrasing j (only j = 0 without --phrasings)
+    n_phrases = min(len(MOTION_PHRASES[w]) for w in words) if args.phrasings else 1
+    captions = text.encode([f"a red circle {MOTION_PHRASES[w][j]} on a black background"
+                            for w in words for j in range(n_phrases)])
+    phrase_of = torch.from_numpy(rng.integers(0, n_phrases, n_clips))
     if args.random_captions:
         g = torch.Generator().manual_seed(args.seed)
         captions["y"] = torch.randn(captions["y"].shape, generator=g) * captions["y"].std()
     swapped = torch.tensor([words.index(OPPOSITE_MOTIONS[w]) if OPPOSITE_MOTIONS[w] in words else i
-                            for i, w in enumerate(words)])  # caption index with the opposite word
+                            for i, w in enumerate(words)]) * n_phrases  # caption index: the opposite word, 1st phrasing
 
     def clip_mse(idx: torch.Tensor, caption: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         out = model(noise, torch.full((len(idx),), 999), captions["y"][caption], captions["mask"][caption])
@@ -127,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
-                true = clip_mse(probe, word_of[probe], noise_eval).item()
+                true = clip_mse(probe, word_of[probe] * n_phrases, noise_eval).item()
                 opposite = clip_mse(probe, swapped[word_of[probe]], noise_eval).item()
             model.train()
             print(f"{step:>6} {true:>10.4f} {opposite:>10.4f} {time.time() - start:>8.0f}", flush=True)
         if step == args.steps:
             break
         idx = torch.from_numpy(rng.integers(0, n_clips, args.batch_size))
-        loss = clip_mse(idx, word_of[idx], torch.randn_like(videos[idx]))
+        loss = clip_mse(idx, word_of[idx] * n_phrases + phrase_of[idx], torch.randn_like(videos[idx]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -85,7 +85,8 @@ class STDiTPipeline:
         vae = load_vae(settings.get("vae", "pixel"), device=device)
         scheduler = IDDPM(num_sampling_steps=settings.get("num_sampling_steps", 50),
                           cfg_scale=settings.get("cfg_scale", 7.0),
-                          prediction_type=settings.get("prediction_type", "epsilon"))
+                          prediction_type=settings.get("prediction_type", "epsilon"),
+                          learn_sigma=predicts_variance(model))
         pipe = cls(model, text, vae, scheduler)
         pipe.defaults = settings
         return pipe
@@ -119,6 +120,7 @@ class STDiTPipeline:
                 cfg_scale=scheduler.cfg_scale if guidance_scale is None else guidance_scale,
                 cfg_channels=scheduler.cfg_channels,
                 prediction_type=scheduler.prediction_type,
+                learn_sigma=scheduler.learn_sigma,
             )
         latent_size = self.vae.get_latent_size((num_frames, height, width))
         check_latent_size(latent_size, self.model.patch_size, (num_frames, height, width))
@@ -294,6 +296,11 @@ def resolve_settings(cfg: SampleConfig) -> dict:
     return s
 
 
+def predicts_variance(model: torch.nn.Module) -> bool:
+    """Whether the model outputs the variance channels too (STDiT's ``pred_sigma``, Open-Sora's default)."""
+    return model.out_channels == 2 * model.in_channels
+
+
 def build_sampling_model(s: dict, caption_channels: int, latent_size: tuple, in_channels: int, cfg: SampleConfig,
                          device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     overrides = dict(enable_flashattn=cfg.enable_flashattn, enable_layernorm_kernel=cfg.enable_layernorm_kernel,
@@ -365,7 +372,8 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
             setup_sequence_parallel_sampling(stdit, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
     pipe = STDiTPipeline(model, None, vae, IDDPM(num_sampling_steps=s["num_sampling_steps"],
                                                    cfg_scale=s["cfg_scale"], cfg_channels=cfg.cfg_channels,
-                                                   prediction_type=s["prediction_type"]))
+                                                   prediction_type=s["prediction_type"],
+                                                   learn_sigma=predicts_variance(model)))
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     written = []
     save_dir = Path(cfg.save_dir)

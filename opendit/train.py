@@ -438,6 +438,7 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info(f"{run_name}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
                         f"latent size {model.config.input_size}")
+        learn_sigma = model.config.pred_sigma  # a model without variance channels trains on the MSE alone
         model = parallelize(model, dims, mesh, cfg.plugin, device, dtype, cfg.grad_checkpoint, cfg.compile)
         params = [p for p in model.parameters() if p.requires_grad]
         # weight decay 0 as the original; the fused CUDA kernel updates all (sharded) parameters in a few launches
@@ -445,7 +446,8 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> Path:
         ema = EMA(model, cfg.ema_decay)
         scaler = DynamicLossScaler(enabled=dtype == torch.float16)
         diffusion = IDDPM(timestep_respacing="", loss_weighting=cfg.loss_weighting,
-                          loss_weight_max=cfg.loss_weight_max, prediction_type=cfg.prediction_type)
+                          loss_weight_max=cfg.loss_weight_max, prediction_type=cfg.prediction_type,
+                          learn_sigma=learn_sigma)
 
         # ---- resume -----------------------------------------------------------------------------------------
         # Caption dropout and drop-path differ per data-parallel rank but not within a sequence-parallel group,

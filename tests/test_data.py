@@ -15,8 +15,8 @@ from PIL import Image
 from opendit.data import video as video_module
 from opendit.data.csvfile import DataError, read_csv, write_csv
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
-from opendit.data.synthetic import (MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, SHAPE_WORDS, SYNTHETIC_VOCAB,
-                                    analyze_clip, render_clip, sample_trajectory, write_synthetic_dataset)
+from opendit.data.synthetic import (BACKGROUND_WORDS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, SHAPE_WORDS,
+                                    SYNTHETIC_VOCAB, analyze_clip, make_caption, render_clip, sample_trajectory, write_synthetic_dataset)
 from opendit.data.video import (VideoError, probe_video, read_frames, read_image, write_gif, write_video)
 
 STEP = 5  # intensity step per frame index: frame i is a flat grey of i * STEP
@@ -366,3 +366,16 @@ def test_write_frame_strip(tmp_path):
     assert img.shape == (2 * 16 + 1, 4 * 12 + 3, 3)
     assert tuple(img[0, 0]) == (200, 0, 0) and tuple(img[17, 0]) == (128, 128, 128)
     assert tuple(img[17, -1]) == (255, 255, 255)  # the second row has only 2 frames
+
+
+def test_every_caption_names_the_background_in_several_phrasings():
+    """At the noisiest steps the caption is all a model sees: one that leaves the background open makes most
+    pixels a coin flip, which drowned the motion words (docs/demo_model.md, section 9)."""
+    rng = np.random.default_rng(0)
+    captions = {background: [make_caption("red", "circle", "right", background, 0.16, rng) for _ in range(40)]
+                for background in BACKGROUND_WORDS}
+    for background, texts in captions.items():
+        assert all(any(word in t.split(" ") or f"{word}," in t for word in BACKGROUND_WORDS[background])
+                   for t in texts), texts
+        assert {t[: t.index("red")] for t in texts} == {"a ", "", "close-up of a "}  # several phrasings
+        assert len({t.split(" ")[-2] for t in texts}) == 2  # both synonyms of the background

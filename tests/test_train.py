@@ -248,6 +248,26 @@ def test_x0_prediction_is_trained_exported_and_sampled_as_such(assets, tmp_path)
                         "--save_dir", str(tmp_path / "samples")]) == 0
 
 
+def test_model_without_variance_channels_trains_and_samples(assets, tmp_path):
+    """pred_sigma: false (out channels = latent channels): the loss is the MSE alone, and sampling uses the
+    fixed variance instead of asking the model for channels it does not have."""
+    from opendit.sample import STDiTPipeline
+
+    config = tmp_path / "no_sigma.json"
+    config.write_text(json.dumps({**TINY, "pred_sigma": False}))
+    outputs = tmp_path / "out"
+    assert train_mod.main(argv(assets, outputs, model_config=config, max_steps=3, ckpt_every=3)) == 0
+    (exp,) = experiments(outputs)
+    assert all(math.isfinite(m["loss"]) for m in metrics(exp))
+    (checkpoint,) = exp.glob("epoch*-global_step3")
+    assert export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    pipe = STDiTPipeline.from_pretrained(tmp_path / "exported", device="cpu")
+    assert pipe.model.out_channels == 3 and not pipe.scheduler.learn_sigma
+    video = pipe(["a red ball"], num_frames=4, height=16, width=16, num_inference_steps=2, progress=False,
+                 generator=torch.Generator().manual_seed(0))
+    assert video.shape == (1, 3, 4, 16, 16) and torch.isfinite(video).all()
+
+
 def test_high_noise_expert_is_trained_exported_into_a_folder_and_sampled(assets, tmp_path):
     """A v-prediction run on steps 600..999 joins an epsilon model's folder (export --high_noise_of); the folder
     then loads as the pair and samples; a mismatched expert is refused before the folder changes."""

@@ -50,6 +50,14 @@ class NoiseLevelExperts(nn.Module):
         return self.low.patch_size
 
     @property
+    def in_channels(self) -> int:
+        return self.low.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.low.out_channels
+
+    @property
     def experts(self) -> list[nn.Module]:
         return [self.low, self.high]
 
