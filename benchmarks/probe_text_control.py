@@ -15,8 +15,9 @@ Tasks: ``translate`` (shape crosses the frame in the word's direction), ``outwar
 to the edge the word names: `prepare synthetic --paths outward`, learned from step 375-750 with
 --text_init_gain 2 where ``translate`` was not, docs/demo_model.md section 8), ``static`` (shape sits at that side, no
 motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to read, only
-frame order). ``--phrasings`` captions each clip in one of the word's phrasings (learned as fast: section 9). Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one``
-and ``size`` are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
+frame order). ``--phrasings`` captions each clip in one of the word's phrasings (learned as fast: section 9).
+Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one`` and ``size``
+are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
 --text_init_gain 2 (a non-zero cross-attention output and larger caption projections) ``static`` is learned in
 500 steps and ``translate`` in two of three runs within 1,000-1,250 steps (the third not by 1,250).
 """

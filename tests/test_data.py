@@ -16,7 +16,8 @@ from opendit.data import video as video_module
 from opendit.data.csvfile import DataError, read_csv, write_csv
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
 from opendit.data.synthetic import (BACKGROUND_WORDS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, SHAPE_WORDS,
-                                    SYNTHETIC_VOCAB, analyze_clip, make_caption, render_clip, sample_trajectory, write_synthetic_dataset)
+                                    SYNTHETIC_VOCAB, analyze_clip, make_caption, render_clip, sample_trajectory,
+                                    write_synthetic_dataset)
 from opendit.data.video import (VideoError, probe_video, read_frames, read_image, write_gif, write_video)
 
 STEP = 5  # intensity step per frame index: frame i is a flat grey of i * STEP
