@@ -1,13 +1,15 @@
-"""Does the demo model follow its prompt? Colour and motion accuracy, measured on the generated frames.
+"""Does the demo model follow its prompt? Colour, shape and motion accuracy, measured on the generated frames.
 
     python benchmarks/eval_demo.py                       # bundled model, every colour x motion, 2 seeds
     python benchmarks/eval_demo.py --model DIR --seeds 0 1 2 --steps 30
     python benchmarks/eval_demo.py --word_use            # fast check: does the model use motion/colour words?
     python benchmarks/eval_demo.py --model DIR --word_use --paths across --timesteps 700 850 950   # an expert
 
-For each prompt "a {colour} {shape} {motion phrase}" and seed, the video is generated, written to mp4 and
-decoded again (what a user sees), then `opendit.data.synthetic.analyze_clip` finds the dominant object: its
-colour (nearest palette colour of its core pixels) and its motion (centroid track: left/right/up/down,
+For each colour x motion and seed, the prompt "a {colour} {shape} {motion phrase} on a {background} background"
+takes the shapes in turn (`--shapes`; cell i of seed s gets shape (i + s) mod 3, so each shape meets every colour
+and motion). The video is generated, written to mp4 and decoded again (what a user sees), then
+`opendit.data.synthetic.analyze_clip` finds the dominant object: its colour (nearest palette colour of its core
+pixels), its shape (the drawing that best fits its outline) and its motion (centroid track: left/right/up/down,
 growing/shrinking by area, bouncing by a rise and return). Prints accuracy per attribute and per value.
 
 `--word_use` (seconds, not minutes) renders clips of the four translations, noises them, and reports how much
@@ -29,7 +31,7 @@ import torch
 
 from opendit.data.dataset import resize_crop
 from opendit.data.synthetic import (BACKGROUNDS, COLORS, MOTION_DIRECTIONS, MOTION_PHRASES, MOTIONS, OPPOSITE_MOTIONS,
-                                    PATHS, SHAPES, analyze_clip, render_clip)
+                                    PATHS, SHAPES, analyze_clip, render_clip, with_article)
 from opendit.data.video import read_frames, write_frame_strip, write_video
 from opendit.diffusion import IDDPM
 from opendit.sample import BUNDLED_MODEL, STDiTPipeline
@@ -37,27 +39,33 @@ from opendit.sample import BUNDLED_MODEL, STDiTPipeline
 
 def prompt_for(color: str, shape: str, motion: str, background: str) -> str:
     """The plain phrasing of a scene ("a red circle moving to the right on a black background")."""
-    return f"a {color} {shape} {MOTION_PHRASES[motion][0]} on a {background} background"
+    return f"{with_article(color)} {shape} {MOTION_PHRASES[motion][0]} on {with_article(background)} background"
 
 
-def evaluate(pipe: STDiTPipeline, colors: list[str], motions: list[str], shape: str, background: str,
-             seeds: list[int], steps: int | None, guidance: float | None, batch_size: int) -> list[dict]:
+def grid(colors: list[str], motions: list[str], shapes: list[str], seeds: list[int]) -> list[tuple[str, str, str, int]]:
+    """(colour, shape, motion, seed) for every colour x motion x seed, the shapes taken in turn."""
+    cells = [(c, m) for c in colors for m in motions]
+    return [(c, shapes[(i + seed) % len(shapes)], m, seed) for seed in seeds for i, (c, m) in enumerate(cells)]
+
+
+def evaluate(pipe: STDiTPipeline, cases: list[tuple[str, str, str, int]], background: str, steps: int | None,
+             guidance: float | None, batch_size: int) -> list[dict]:
     d = pipe.defaults
-    cases = [(c, m, s) for s in seeds for c in colors for m in motions]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(cases), batch_size):
             chunk = cases[start:start + batch_size]
-            prompts = [prompt_for(c, shape, m, background) for c, m, _ in chunk]
-            generator = torch.Generator().manual_seed(chunk[0][2] * 100_003 + start)
+            prompts = [prompt_for(c, shape, m, background) for c, shape, m, _ in chunk]
+            generator = torch.Generator().manual_seed(chunk[0][3] * 100_003 + start)
             videos = pipe(prompts, num_frames=d["num_frames"], height=d["image_size"][0], width=d["image_size"][1],
                           num_inference_steps=steps, guidance_scale=guidance, generator=generator, progress=False)
-            for (color, motion, seed), prompt, video in zip(chunk, prompts, videos):
+            for (color, shape, motion, seed), prompt, video in zip(chunk, prompts, videos):
                 path = write_video(Path(tmp) / "clip.mp4", video, fps=d.get("fps", 8))
                 frames = read_frames(path, list(range(d["num_frames"]))).numpy()
                 found = analyze_clip(frames)
-                results.append(dict(prompt=prompt, seed=seed, color=color, motion=motion, frames=frames,
-                                    found_color=found["color"], found_motion=found["motion"]))
+                results.append(dict(prompt=prompt, seed=seed, color=color, shape=shape, motion=motion, frames=frames,
+                                    found_color=found["color"], found_shape=found["shape"],
+                                    found_motion=found["motion"]))
     return results
 
 
@@ -106,16 +114,13 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
 
 
 def report(results: list[dict]) -> dict[str, float]:
-    n = len(results)
-    acc = {
-        "color": sum(r["color"] == r["found_color"] for r in results) / n,
-        "motion": sum(r["motion"] == r["found_motion"] for r in results) / n,
-        "both": sum(r["color"] == r["found_color"] and r["motion"] == r["found_motion"] for r in results) / n,
-    }
+    n, attrs = len(results), ("color", "shape", "motion")
+    acc = {a: sum(r[a] == r[f"found_{a}"] for r in results) / n for a in attrs}
+    acc["all three"] = sum(all(r[a] == r[f"found_{a}"] for a in attrs) for r in results) / n
     print(f"{'attribute':<10} {'accuracy':>9}   ({n} videos)")
     for k, v in acc.items():
         print(f"{k:<10} {100 * v:>8.1f}%")
-    for attr in ("color", "motion"):
+    for attr in attrs:
         per = defaultdict(list)
         for r in results:
             per[r[attr]].append(r[attr] == r[f"found_{attr}"])
@@ -126,10 +131,11 @@ def report(results: list[dict]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder (config.json, model.safetensors, pipeline.json)")
-    p.add_argument("--colors", nargs="+", default=list(COLORS))
-    p.add_argument("--motions", nargs="+", default=list(MOTIONS))
-    p.add_argument("--shape", default="circle")
-    p.add_argument("--background", default="black")
+    p.add_argument("--colors", nargs="+", choices=list(COLORS), default=list(COLORS))
+    p.add_argument("--motions", nargs="+", choices=list(MOTIONS), default=list(MOTIONS))
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                   help="taken in turn over the colour x motion grid")
+    p.add_argument("--background", choices=list(BACKGROUNDS), default="black")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
@@ -151,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         word_use(pipe, timesteps=tuple(args.timesteps), seed=args.seeds[0], paths=args.paths)
         print(f"\n{time.time() - t0:.0f}s on {torch.get_num_threads()} CPU threads")
         return 0
-    results = evaluate(pipe, args.colors, args.motions, args.shape, args.background, args.seeds, args.steps,
-                       args.guidance, args.batch_size)
+    cases = grid(args.colors, args.motions, args.shapes, args.seeds)
+    results = evaluate(pipe, cases, args.background, args.steps, args.guidance, args.batch_size)
     if args.verbose:
         for r in results:
-            print(f"{r['prompt']!r} seed {r['seed']}: found {r['found_color']} / {r['found_motion']}")
+            print(f"{r['prompt']!r} seed {r['seed']}: found {r['found_color']} / {r['found_shape']} / "
+                  f"{r['found_motion']}")
     report(results)
     if args.strip:
         first = [r for r in results if r["seed"] == args.seeds[0]]

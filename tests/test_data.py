@@ -302,7 +302,8 @@ def test_render_clip_motions_are_recoverable():
                                 rng=np.random.default_rng(n))
             assert np.array_equal(frames, again)
             found = analyze_clip(frames)
-            assert (found["color"], found["motion"], found["background"]) == ("orange", motion, "gray")
+            assert (found["color"], found["shape"], found["motion"], found["background"]) == \
+                ("orange", shape, motion, "gray")
 
 
 def test_across_paths_cross_the_frame_near_its_middle():
@@ -351,8 +352,8 @@ def test_synthetic_dataset_is_deterministic_and_captions_match(tmp_path):
         assert any(phrase in text for phrase in MOTION_PHRASES[row_a["motion"]])
         frames = read_frames(row_a["path"], list(range(8)))
         assert torch.equal(frames, read_frames(row_b["path"], list(range(8))))
-        found = analyze_clip(frames.numpy())  # colour and motion survive H.264
-        assert (found["color"], found["motion"]) == (row_a["color"], row_a["motion"])
+        found = analyze_clip(frames.numpy())  # colour, shape and motion survive H.264
+        assert (found["color"], found["shape"], found["motion"]) == (row_a["color"], row_a["shape"], row_a["motion"])
     assert len({row["text"] for row in rows_a}) > 6  # varied phrasings
 
 

