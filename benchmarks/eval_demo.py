@@ -38,8 +38,10 @@ from opendit.sample import BUNDLED_MODEL, STDiTPipeline
 
 
 def prompt_for(color: str, shape: str, motion: str, background: str) -> str:
-    """The plain phrasing of a scene ("a red circle moving to the right on a black background")."""
-    return f"{with_article(color)} {shape} {MOTION_PHRASES[motion][0]} on {with_article(background)} background"
+    """The plain phrasing of a scene ("a red circle moving to the right on a black background"; background
+    "none" leaves it out)."""
+    scene = f"{with_article(color)} {shape} {MOTION_PHRASES[motion][0]}"
+    return scene if background == "none" else f"{scene} on {with_article(background)} background"
 
 
 def grid(colors: list[str], motions: list[str], shapes: list[str], seeds: list[int]) -> list[tuple[str, str, str, int]]:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--motions", nargs="+", choices=list(MOTIONS), default=list(MOTIONS))
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
                    help="taken in turn over the colour x motion grid")
-    p.add_argument("--background", choices=list(BACKGROUNDS), default="black")
+    p.add_argument("--background", choices=[*BACKGROUNDS, "none"], default="black",
+                   help="named in every prompt; 'none': prompts that leave it to the model")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
