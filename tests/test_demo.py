@@ -20,7 +20,9 @@ from opendit.sample import BUNDLED_MODEL, main
 
 def _eval_demo():
     """benchmarks/eval_demo.py as a module (benchmarks/ is not a package)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
     import eval_demo
 
     return eval_demo

@@ -145,6 +145,9 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
     return Trajectory(centers, radii)
 
 
+_SQUARE_HALF_SIDE = 0.85  # x radius: a square about the area of the circle of that radius
+
+
 def _coverage(shape: str, trajectory: Trajectory, size: tuple[int, int]) -> np.ndarray:
     """Fraction (T, H, W) of each pixel covered by the shape, from SUPERSAMPLE^2 samples per pixel."""
     height, width = size
@@ -158,7 +161,7 @@ def _coverage(shape: str, trajectory: Trajectory, size: tuple[int, int]) -> np.n
     if shape == "circle":
         inside = y ** 2 + x ** 2 <= r ** 2
     elif shape == "square":
-        half = 0.85 * r  # about the area of the circle of radius r
+        half = _SQUARE_HALF_SIDE * r
         inside = (np.abs(y) <= half) & (np.abs(x) <= half)
     elif shape == "triangle":
         # Apex up at -r, base at +r, half-width growing linearly to r at the base.
@@ -295,7 +298,7 @@ def analyze_clip(frames: np.ndarray, min_travel: float = 0.15, min_scale: float 
 
 
 # Area / radius^2 of each drawing in :func:`_coverage`, and its centre's offset from its centroid (y, in radii).
-_SHAPE_AREA = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 2.0}
+_SHAPE_AREA = {"circle": np.pi, "square": (2 * _SQUARE_HALF_SIDE) ** 2, "triangle": 2.0}
 _SHAPE_CENTRE_OFFSET = {"circle": 0.0, "square": 0.0, "triangle": -1.0 / 3.0}
 
 
@@ -304,12 +307,11 @@ def _fit_shape(alpha: np.ndarray) -> str:
     frame's area and centroid (a few radii and half-pixel shifts around them), scored by L1 error over area."""
     _, height, width = alpha.shape
     ys, xs = np.arange(height)[:, None] + 0.5, np.arange(width)[None, :] + 0.5
-    errors = {}
-    for shape in SHAPES:
-        error = 0.0
-        for a in alpha:
-            area = a.sum()
-            cy, cx = (a * ys).sum() / area, (a * xs).sum() / area
+    errors = dict.fromkeys(SHAPES, 0.0)
+    for a in alpha:
+        area = a.sum()
+        cy, cx = (a * ys).sum() / area, (a * xs).sum() / area
+        for shape in SHAPES:
             best = np.inf
             for scale in (0.9, 1.0, 1.1):
                 r = scale * np.sqrt(area / _SHAPE_AREA[shape])
@@ -317,8 +319,7 @@ def _fit_shape(alpha: np.ndarray) -> str:
                                     for oy in (-0.5, 0.0, 0.5) for ox in (-0.5, 0.0, 0.5)])
                 drawn = _coverage(shape, Trajectory(centers, np.full(len(centers), r)), (height, width))
                 best = min(best, np.abs(drawn - a).sum(axis=(1, 2)).min())
-            error += best / area
-        errors[shape] = error
+            errors[shape] += best / area
     return min(errors, key=errors.get)
 
 
