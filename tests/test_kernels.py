@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +268,40 @@ def test_out_of_memory_is_not_swallowed(monkeypatch: pytest.MonkeyPatch, fresh_d
     with pytest.raises(torch.OutOfMemoryError):
         layer_norm(torch.randn(2, 8), use_kernel=True)
     assert not ln_dispatch._kernel_broken
+
+
+def _kernels_import_graph() -> dict[str, set[str]]:
+    """Which ``opendit.kernels`` modules each one imports, counting imports inside functions and
+    ``importlib.import_module("...")`` calls (the lazy imports are where a cycle would hide)."""
+    pkg_dir = Path(ln_dispatch.__file__).parent
+    names = {f"opendit.kernels.{p.stem}" for p in pkg_dir.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((pkg_dir / f"{name.rsplit('.', 1)[1]}.py").read_text())
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant):
+                found.add(str(node.args[0].value))
+        graph[name] = {m for m in found if m in names and m != name}
+    return graph
+
+
+def test_kernels_have_no_import_cycle() -> None:
+    graph = _kernels_import_graph()
+    assert graph["opendit.kernels.layernorm"] == {"opendit.kernels.triton_layernorm"}  # the parser sees lazy imports
+    assert graph["opendit.kernels.triton_layernorm"] == set()
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(m == target or (m not in seen and reaches(m, target, seen | {m})) for m in graph[start])
+
+    cycles = sorted(name for name in graph if reaches(name, name, {name}))
+    assert not cycles, f"import cycles through {cycles}: {graph}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -175,6 +175,30 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError)
 
 
+def _backward_fallback(
+    err: BaseException,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The Triton backward failed with ``err``: disable the kernels and return the torch reference's gradients.
+
+    Handed to the Triton module as its ``on_backward_error``, so that module never imports this one.
+    """
+    if _is_oom(err):
+        raise err
+    _kernel_failed(err)
+    inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip((x, shift, scale), needs)]
+    with torch.enable_grad():
+        y = layernorm_modulate_reference(inputs[0], inputs[1], inputs[2], eps)
+        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, dy)) if wanted else iter(())
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))  # type: ignore
+
+
 def _check_mod_shapes(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
     for name, t in (("shift", shift), ("scale", scale)):
         try:
@@ -197,7 +221,7 @@ def _dispatch(
         module = _load_kernels()
         assert module is not None
         try:
-            return module.layernorm_modulate_triton(x, shift, scale, eps)
+            return module.layernorm_modulate_triton(x, shift, scale, eps, _backward_fallback)
         except Exception as err:
             if _is_oom(err):
                 raise

@@ -1,7 +1,8 @@
 """Triton kernels for LayerNorm and LayerNorm + adaLN modulation, forward and backward.
 
 Imported lazily by :mod:`opendit.kernels.layernorm`, which owns the dispatch and the torch fallback; call the
-public functions there rather than :func:`layernorm_modulate_triton` directly.
+public functions there rather than :func:`layernorm_modulate_triton` directly. This module imports nothing
+from ``opendit``: the dispatcher hands in its backward fallback as an argument, so there is no import cycle.
 
 Layout: ``x`` (..., C) is made contiguous and seen as M = B * N rows of C, with B = ``x.shape[0]`` and N the
 product of the remaining token dimensions. ``shift``/``scale`` are broadcast to ``x`` and seen as (B, N, C)
@@ -18,13 +19,17 @@ through two strides, so the adaLN-single case (B, 1, C) is read with a token str
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "layernorm_modulate_triton"]
+__all__ = ["INTERPRETED", "BackwardFallback", "layernorm_modulate_triton"]
+
+# Called as fallback(err, dy, x, shift, scale, eps, needs) when the backward kernel raises ``err``: returns the
+# gradients (dx, dshift, dscale), or re-raises ``err`` (e.g. out of memory). Supplied by the dispatcher.
+BackwardFallback = Callable[..., tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
 
 
 @triton.jit
@@ -254,11 +259,12 @@ class _LayerNormModulate(torch.autograd.Function):
     """``LN(x) * (1 + scale) + shift`` (plain ``LN(x)`` when shift/scale are None) with Triton forward/backward."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):  # type: ignore[override]
+    def forward(ctx, x, shift, scale, eps, on_backward_error):  # type: ignore[override]
         y, x2, mean, rstd = _forward(x, shift, scale, eps)
         ctx.save_for_backward(x2, shift, scale, mean, rstd)
         ctx.shape = x.shape
         ctx.eps = eps
+        ctx.on_backward_error = on_backward_error
         return y
 
     @staticmethod
@@ -271,46 +277,30 @@ class _LayerNormModulate(torch.autograd.Function):
             )
         except Exception as err:
             # The forward compiled, but the backward can still fail (e.g. out of resources for a large C):
-            # recompute the gradients through the torch reference rather than losing the step.
-            from opendit.kernels import layernorm as _dispatch
-
-            if _dispatch._is_oom(err):
+            # the dispatcher's fallback recomputes the gradients through the torch reference (or re-raises).
+            if ctx.on_backward_error is None:
                 raise
-            _dispatch._kernel_failed(err)
-            dx, dshift, dscale = _reference_backward(dy, x2.view(ctx.shape), shift, scale, ctx.eps,
-                                                     (need_dx, need_dshift, need_dscale))
+            dx, dshift, dscale = ctx.on_backward_error(err, dy, x2.view(ctx.shape), shift, scale, ctx.eps,
+                                                       (need_dx, need_dshift, need_dscale))
         return (
             dx if need_dx else None,
             dshift if need_dshift else None,
             dscale if need_dscale else None,
             None,
+            None,
         )
 
 
-def _reference_backward(
-    dy: torch.Tensor,
+def layernorm_modulate_triton(
     x: torch.Tensor,
     shift: torch.Tensor | None,
     scale: torch.Tensor | None,
-    eps: float,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of the torch reference, used when the backward kernel fails."""
-    from opendit.kernels.layernorm import layernorm_modulate_reference
-
-    inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip((x, shift, scale), needs)]
-    with torch.enable_grad():
-        y = layernorm_modulate_reference(inputs[0], inputs[1], inputs[2], eps)
-        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-        grads = iter(torch.autograd.grad(y, wanted, dy)) if wanted else iter(())
-    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs))  # type: ignore
-
-
-def layernorm_modulate_triton(
-    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float = 1e-6
+    eps: float = 1e-6,
+    on_backward_error: BackwardFallback | None = None,
 ) -> torch.Tensor:
     """Fused ``LN(x) * (1 + scale) + shift`` (or ``LN(x)``) on the Triton kernels, differentiable.
 
-    No checks or fallback here: :func:`opendit.kernels.layernorm.layernorm_modulate` does both.
+    No checks here: :func:`opendit.kernels.layernorm.layernorm_modulate` does them and passes
+    ``on_backward_error`` (see :data:`BackwardFallback`); None lets a backward failure propagate.
     """
-    return _LayerNormModulate.apply(x, shift, scale, eps)
+    return _LayerNormModulate.apply(x, shift, scale, eps, on_backward_error)
