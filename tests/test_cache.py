@@ -300,6 +300,16 @@ def test_bad_flags_and_inputs(dataset_csv, encoders, tmp_path, capsys):
         CachedLatentDataset(tmp_path)
 
 
+def test_latin1_csv_is_refused_or_read_with_encoding(dataset_csv, encoders, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(f"path,text\n{dataset_csv.parent / 'clip0.mp4'},un caf\xe9\n".encode("latin-1"))
+    assert prepare_main(cache_flags(latin1, tmp_path / "c", encoders)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {latin1}:2: not valid utf-8") and err.count("\n") == 1, err
+    out = make_cache(latin1, tmp_path / "c", encoders, encoding="latin-1")
+    assert [row["text"] for row in cache_info(out)["rows"]] == ["un café"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Several processes
 # --------------------------------------------------------------------------------------------------------------

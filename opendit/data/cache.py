@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from opendit.data.csvfile import DataError, read_csv
+from opendit.data.csvfile import DataError, add_encoding_argument, read_csv
 from opendit.data.dataset import resize_crop
 from opendit.data.video import VideoError, is_image, probe_video, read_frames, read_image
 
@@ -405,8 +405,10 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_
                 text_pretrained_path: str, num_frames: int, image_size: tuple[int, int], frame_interval: int,
                 text_max_length: int | None = None, shard_size: int = 256, batch_size: int = 8,
                 dtype: str = "bf16", text_speedup: bool = False, data_root: str | os.PathLike | None = None,
-                num_views: int = 1, seed: int = 0, num_workers: int = 2, device: str | None = None) -> Path:
-    """Build (or finish) the cache of the CSV ``data`` in the folder ``out``; returns ``out/index.json``.
+                num_views: int = 1, seed: int = 0, num_workers: int = 2, device: str | None = None,
+                encoding: str = "utf-8") -> Path:
+    """Build (or finish) the cache of the CSV ``data`` (text in ``encoding``) in the folder ``out``; returns
+    ``out/index.json``.
 
     Shards that already exist with the same settings are kept, so re-running after a crash only encodes the
     missing ones. Under torchrun each rank encodes every W-th shard and rank 0 writes the index at the end.
@@ -418,7 +420,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_
     try:
         return _build(rank, world, data, Path(out), vae_pretrained_path, text_pretrained_path, num_frames,
                       (int(image_size[0]), int(image_size[1])), frame_interval, text_max_length, shard_size,
-                      batch_size, dtype, text_speedup, data_root, num_views, seed, num_workers, device)
+                      batch_size, dtype, text_speedup, data_root, num_views, seed, num_workers, device, encoding)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -427,8 +429,8 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_
 def _build(rank: int, world: int, data: str | os.PathLike, out: Path, vae_path: str, text_path: str,
            num_frames: int, image_size: tuple[int, int], frame_interval: int, text_max_length: int | None,
            shard_size: int, batch_size: int, dtype: str, text_speedup: bool, data_root: str | os.PathLike | None,
-           num_views: int, seed: int, num_workers: int, device: str | None) -> Path:
-    rows = read_csv(data, data_root=data_root)
+           num_views: int, seed: int, num_workers: int, device: str | None, encoding: str) -> Path:
+    rows = read_csv(data, data_root=data_root, encoding=encoding)
     settings = _requested_settings(rows, str(data), str(data_root) if data_root else None, num_frames, image_size,
                                    frame_interval, num_views, seed, shard_size, dtype, vae_path, text_path,
                                    text_max_length)
@@ -541,7 +543,7 @@ def run_cache(args: argparse.Namespace) -> int:
                 tuple(args.image_size), args.frame_interval, text_max_length=args.text_max_length,
                 shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                 text_speedup=args.text_speedup, data_root=args.data_root, num_views=args.num_views, seed=args.seed,
-                num_workers=args.num_workers, device=args.device)
+                num_workers=args.num_workers, device=args.device, encoding=args.encoding)
     return 0
 
 
@@ -572,6 +574,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random windows (views 1..V-1)")
     p.add_argument("--num_workers", type=int, default=2, help="decoding processes per rank")
     p.add_argument("--device", default=None, help="where the encoders run (default: cuda:LOCAL_RANK, else cpu)")
+    add_encoding_argument(p, "--data")
     p.set_defaults(func=run_cache)
 
 

@@ -1,18 +1,28 @@
-"""The dataset CSV: ``path,text[,num_frames,fps,height,width,...]``.
+"""The dataset CSV: ``path,text[,num_frames,fps,height,width,...]``, and reading users' text files.
 
 Open-Sora v1.0 used headerless ``path,text`` rows; we read those as they are and also accept a header row
-(detected when its first field is ``path``, ``video`` or ``filepath``), in which ``caption`` is an alias of
-``text`` and further columns are kept as metadata. Every error names the file and the 1-based row (the header,
-when present, is row 1), so a broken row in a million-line CSV is found at once.
+(recognised when one of its fields names the path or the text column, in any order: ``text,path`` is a header), in
+which ``caption`` is an alias of ``text`` and further columns are kept as metadata. Every error names the file and
+the 1-based row (the header, when present, is row 1), so a broken row in a million-line CSV is found at once.
+
+Nothing is read silently wrong (docs/data.md, "What is refused"):
+
+- every row is one line: a quoted field that runs over a line end (a caption that opens a quote and never closes
+  it swallows the rows after it) is an error naming ``file:line``;
+- text is UTF-8 (a byte-order mark is dropped) unless an ``encoding`` is given; a byte that does not decode is an
+  error naming the file, line and byte, never a replacement character.
 """
 
 from __future__ import annotations
 
+import argparse
+import codecs
 import csv
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 PATH_ALIASES = ("path", "video", "filepath")
 TEXT_ALIASES = ("text", "caption")
@@ -33,11 +43,66 @@ def _canonical_column(name: str) -> str:
     return name.strip()
 
 
+def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """The text of a user's file (CSV, caption list, caption sidecar), decoded with ``encoding``.
+
+    UTF-8 drops a leading byte-order mark (spreadsheet programs write one). A byte that is not valid in
+    ``encoding`` raises a :class:`DataError` naming the file, line and byte: decoding with replacement characters
+    would put mangled captions into training without a word.
+    """
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"--encoding {encoding!r}: unknown text encoding (e.g. utf-8, latin-1, cp1252)") from None
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codec == "utf-8" else codec)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid {encoding} text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"convert the file to UTF-8, or give its encoding (opendit prepare ... --encoding latin-1)"
+                        ) from None
+
+
+def add_encoding_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--encoding`` for a command that reads users' text files (``what`` names them in the help)."""
+    parser.add_argument("--encoding", default="utf-8",
+                        help=f"text encoding of {what} (default utf-8; a byte that does not decode is an error "
+                             f"naming the file and line), e.g. latin-1 or cp1252")
+
+
+def iter_records(path: str | os.PathLike, text: str, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` for each line of a CSV ``text`` read from ``path`` (blank lines give ``[]``).
+
+    A record must be one line: a quoted field spanning lines is almost always a caption whose opening quote was
+    never closed, which would swallow the rows after it, so it is a :class:`DataError` naming ``path:line``.
+    """
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    num_lines = text.count("\n") + (not text.endswith("\n"))
+    last_line = 0
+    try:
+        for fields in reader:
+            line, last_line = last_line + 1, reader.line_num
+            if last_line > line or any("\n" in f or "\r" in f for f in fields):
+                reach = "the end of the file" if last_line >= num_lines else f"line {last_line}"
+                raise DataError(f"{path}:{line}: unclosed quote: the quoted field opened on line {line} runs to "
+                                f"{reach}, swallowing the lines after it as its text; close the quote (a quote "
+                                f"inside a quoted field is written twice: \"\")")
+            yield line, fields
+    except csv.Error as e:  # e.g. a NUL byte
+        raise DataError(f"{path}:{reader.line_num}: not a CSV line ({e})") from None
+
+
+def _is_header(fields: list[str]) -> bool:
+    """A first row naming the path or text column (any order); a data row holds a file path and a caption."""
+    return any(_canonical_column(f) in ("path", "text") for f in fields)
+
+
 def _parse_header(fields: list[str], csv_path: Path, row: int) -> list[str]:
     columns = [_canonical_column(f) for f in fields]
-    if "text" not in columns:
-        raise DataError(f"{csv_path} row {row}: unknown header layout {fields}: expected a 'text' (or 'caption') "
-                        f"column after 'path'")
+    if "text" not in columns or "path" not in columns:
+        raise DataError(f"{csv_path} row {row}: unknown header layout {fields}: expected a 'path' (or 'video', "
+                        f"'filepath') and a 'text' (or 'caption') column, in any order")
     if "" in columns:
         raise DataError(f"{csv_path} row {row}: unknown header layout {fields}: empty column name")
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
@@ -64,16 +129,19 @@ def _convert(column: str, value: str, csv_path: Path, row: int) -> Any:
     return number
 
 
-def read_csv(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def read_csv(path: str | os.PathLike, data_root: str | os.PathLike | None = None,
+             encoding: str = "utf-8") -> list[dict[str, Any]]:
     """Read a dataset CSV into one dict per row.
 
     Each dict has ``"path"`` (absolute: relative paths are resolved against ``data_root``, or else the CSV's
     folder) and ``"text"``, plus the header's other columns; ``num_frames``, ``height`` and ``width`` become
     ints and ``fps``/``duration``/``aspect_ratio`` floats (``None`` when empty). Without a header, the first
-    column is the path, the second the caption and further columns are ignored. Blank lines are skipped.
+    column is the path, the second the caption and further columns are ignored. Blank lines are skipped. The
+    file is decoded with ``encoding`` (see :func:`read_text_file`).
 
     Raises :class:`DataError` naming the file and the row for a missing or empty file, a row with fewer than 2
-    columns (or more than the header), an empty path or caption, and an unknown header layout.
+    columns (or more than the header), an empty path or caption, an unknown header layout, an unclosed quote
+    (:func:`iter_records`) and text that is not valid in ``encoding``.
     """
     csv_path = Path(path)
     if not csv_path.is_file():
@@ -82,39 +150,41 @@ def read_csv(path: str | os.PathLike, data_root: str | os.PathLike | None = None
     rows: list[dict[str, Any]] = []
     columns: list[str] | None = None
     first_record = True
-    # utf-8-sig drops the byte-order mark spreadsheet programs put at the start.
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for row_number, fields in enumerate(csv.reader(f), start=1):
-            if not fields or all(not x.strip() for x in fields):
+    for row_number, fields in iter_records(csv_path, read_text_file(csv_path, encoding)):
+        if not fields or all(not x.strip() for x in fields):
+            continue
+        if first_record:
+            first_record = False
+            if _is_header(fields):
+                columns = _parse_header(fields, csv_path, row_number)
                 continue
-            if first_record:
-                first_record = False
-                if fields[0].strip().lower() in PATH_ALIASES:
-                    columns = _parse_header(fields, csv_path, row_number)
-                    continue
-            if len(fields) < 2:
-                raise DataError(f"{csv_path} row {row_number}: expected at least 2 columns (path,text), "
-                                f"got {len(fields)}: {fields}")
-            if columns is None:
-                record = {"path": fields[0], "text": fields[1]}
-            else:
-                if len(fields) > len(columns):
-                    raise DataError(f"{csv_path} row {row_number}: {len(fields)} columns but the header has "
-                                    f"{len(columns)}")
-                record = {c: _convert(c, v, csv_path, row_number) for c, v in zip(columns, fields)}
-                if "text" not in record:
-                    raise DataError(f"{csv_path} row {row_number}: no value for the 'text' column")
-            record["path"] = record["path"].strip()
-            if not record["path"]:
-                raise DataError(f"{csv_path} row {row_number}: empty path")
-            if not record["text"].strip():
-                raise DataError(f"{csv_path} row {row_number}: empty caption for {record['path']}")
-            record["path"] = os.path.normpath(os.path.join(root, os.path.expanduser(record["path"])))
-            rows.append(record)
+        rows.append(_record(fields, columns, root, csv_path, row_number))
     if not rows:
         what = "no data rows after the header" if columns is not None else "empty CSV (no rows)"
         raise DataError(f"{csv_path}: {what}")
     return rows
+
+
+def _record(fields: list[str], columns: list[str] | None, root: Path, csv_path: Path, row: int) -> dict[str, Any]:
+    """One data row as a dict (see :func:`read_csv`), its path made absolute."""
+    if len(fields) < 2:
+        raise DataError(f"{csv_path} row {row}: expected at least 2 columns (path,text), got {len(fields)}: {fields}")
+    if columns is None:
+        record = {"path": fields[0], "text": fields[1]}
+    else:
+        if len(fields) > len(columns):
+            raise DataError(f"{csv_path} row {row}: {len(fields)} columns but the header has {len(columns)}")
+        record = {c: _convert(c, v, csv_path, row) for c, v in zip(columns, fields)}
+        for column in ("path", "text"):
+            if column not in record:
+                raise DataError(f"{csv_path} row {row}: no value for the {column!r} column")
+    record["path"] = record["path"].strip()
+    if not record["path"]:
+        raise DataError(f"{csv_path} row {row}: empty path")
+    if not record["text"].strip():
+        raise DataError(f"{csv_path} row {row}: empty caption for {record['path']}")
+    record["path"] = os.path.normpath(os.path.join(root, os.path.expanduser(record["path"])))
+    return record
 
 
 def _format(value: Any) -> str:

@@ -8,7 +8,6 @@ module-level ``register(subparsers)`` (``opendit.data.cache`` adds ``cache``).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import importlib.util
 import json
@@ -22,7 +21,8 @@ from typing import Any, Callable
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from opendit.data.csvfile import DataError, read_csv, relative_path, write_csv
+from opendit.data.csvfile import (DataError, add_encoding_argument, iter_records, read_csv, read_text_file,
+                                  relative_path, write_csv)
 from opendit.data.synthetic import PATHS, write_synthetic_dataset
 from opendit.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, is_image, probe_video
 
@@ -41,20 +41,22 @@ def probe_media(path: str | os.PathLike) -> dict[str, Any]:
         try:
             with Image.open(path) as image:
                 width, height = image.size
+                image.load()  # decode it: opening reads only the header, a truncated image would pass
         except OSError as e:
             raise VideoError(f"{path}: cannot read image: {e}") from e
         return {"num_frames": 1, "fps": None, "height": height, "width": width, "duration": None}
     return probe_video(path)
 
 
-def _fill_probe(rows: list[dict[str, Any]], needed: list[str]) -> dict[int, tuple[str, str]]:
-    """Probe (in place) the rows lacking any of ``needed``.
+def _fill_probe(rows: list[dict[str, Any]], needed: list[str], every_row: bool = False) -> dict[int, tuple[str, str]]:
+    """Probe the rows lacking any of ``needed`` (or all of them), filling their missing columns in place.
 
     Returns ``{row index: (reason, message)}`` for unusable files, reason being ``missing file`` or
-    ``cannot decode``.
+    ``cannot decode`` (which includes videos whose last frames do not decode: :func:`probe_video`); the message
+    starts with the file's path.
     """
     failures: dict[int, tuple[str, str]] = {}
-    todo = [i for i, row in enumerate(rows) if any(row.get(c) is None for c in needed)]
+    todo = [i for i, row in enumerate(rows) if every_row or any(row.get(c) is None for c in needed)]
     for i in tqdm(todo, desc="probing", disable=None):
         row = rows[i]
         if not os.path.exists(row["path"]):
@@ -69,6 +71,13 @@ def _fill_probe(rows: list[dict[str, Any]], needed: list[str]) -> dict[int, tupl
             if row.get(column) is None:
                 row[column] = info[column]
     return failures
+
+
+def _print_failures(failures: dict[int, tuple[str, str]], template: str) -> None:
+    """One line per failure reason (``template`` with ``{n}``, ``{reason}``, ``{example}``): its count and the first
+    file's message, which names the file."""
+    for reason, n in Counter(reason for reason, _ in failures.values()).most_common():
+        print(template.format(n=n, reason=reason, example=next(m for r, m in failures.values() if r == reason)))
 
 
 def _columns_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -98,13 +107,14 @@ def _normalise_key(name: str) -> str:
     return Path(name.strip().replace("\\", "/")).as_posix().removeprefix("./")
 
 
-def read_captions(path: Path) -> dict[str, str]:
+def read_captions(path: Path, encoding: str = "utf-8") -> dict[str, str]:
     """Map file name -> caption from a CSV, TSV or JSON file.
 
     CSV/TSV: two columns (name, caption), an optional header whose first field is one of
     :data:`CAPTION_KEY_NAMES`. JSON: ``{"name": "caption", ...}`` or a list of objects with a name field
     (``path``/``file``/...) and ``text`` or ``caption``. Names may be paths relative to ``--videos``, file names,
-    or file names without extension.
+    or file names without extension. The file is decoded with ``encoding`` (``--encoding``), and a CSV/TSV
+    follows the one-line-per-row rule of :func:`opendit.data.csvfile.iter_records`.
     """
     if not path.is_file():
         raise DataError(f"{path}: no such captions file (--captions)")
@@ -112,7 +122,7 @@ def read_captions(path: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text_file(path, encoding))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON (--captions): {e}") from None
         if isinstance(data, dict):
@@ -134,15 +144,14 @@ def read_captions(path: Path) -> dict[str, str]:
             captions[_normalise_key(str(key))] = text
         return captions
     delimiter = "\t" if suffix in (".tsv", ".txt") else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row_number, fields in enumerate(csv.reader(f, delimiter=delimiter), start=1):
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            if not captions and fields[0].strip().lower() in CAPTION_KEY_NAMES:
-                continue  # header
-            if len(fields) < 2:
-                raise DataError(f"{path} row {row_number}: expected 2 columns (name, caption), got {len(fields)}")
-            captions[_normalise_key(fields[0])] = fields[1]
+    for row_number, fields in iter_records(path, read_text_file(path, encoding), delimiter=delimiter):
+        if not fields or all(not x.strip() for x in fields):
+            continue
+        if not captions and fields[0].strip().lower() in CAPTION_KEY_NAMES:
+            continue  # header
+        if len(fields) < 2:
+            raise DataError(f"{path} row {row_number}: expected 2 columns (name, caption), got {len(fields)}")
+        captions[_normalise_key(fields[0])] = fields[1]
     return captions
 
 
@@ -153,14 +162,14 @@ def _find_media(folder: Path, recursive: bool) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."))
 
 
-def _caption_for(media: Path, folder: Path, captions: dict[str, str]) -> str | None:
+def _caption_for(media: Path, folder: Path, captions: dict[str, str], encoding: str) -> str | None:
     relative = media.relative_to(folder).as_posix()
     for key in (relative, media.name, media.stem):
         if key in captions:
             return captions[key]
     sidecar = media.with_suffix(".txt")
     if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8", errors="replace")
+        return read_text_file(sidecar, encoding)  # not valid in --encoding: an error naming it, never mangled
     return None
 
 
@@ -169,7 +178,7 @@ def run_csv(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder (--videos)")
     out = Path(args.out)
-    captions = read_captions(Path(args.captions)) if args.captions else {}
+    captions = read_captions(Path(args.captions), args.encoding) if args.captions else {}
     media = _find_media(folder, args.recursive)
     if not media:
         hint = "" if args.recursive else " (add --recursive to search subfolders)"
@@ -178,7 +187,7 @@ def run_csv(args: argparse.Namespace) -> int:
     rows, problems = [], []
     reasons: Counter[str] = Counter()
     for path in tqdm(media, desc="probing", disable=None):
-        caption = _caption_for(path, folder, captions)
+        caption = _caption_for(path, folder, captions, args.encoding)
         caption = " ".join(caption.split()) if caption is not None else ""
         if not caption:
             problems.append(f"{path}: no caption (not in --captions and no {path.with_suffix('.txt').name})")
@@ -216,6 +225,7 @@ def register_csv(subparsers: argparse._SubParsersAction) -> None:
                    help="CSV/TSV/JSON mapping file name -> caption (default: a sidecar .txt per file)")
     p.add_argument("--out", required=True, help="CSV to write (paths in it are relative to its folder)")
     p.add_argument("--recursive", action="store_true", help="also search subfolders")
+    add_encoding_argument(p, "--captions and the sidecar .txt files")
     p.set_defaults(func=run_csv)
 
 
@@ -273,7 +283,7 @@ def run_filter(args: argparse.Namespace) -> int:
             and args.min_caption_words > args.max_caption_words:
         raise DataError(f"--min_caption_words {args.min_caption_words} is larger than --max_caption_words "
                         f"{args.max_caption_words}")
-    rows = read_csv(args.data, data_root=args.data_root)
+    rows = read_csv(args.data, data_root=args.data_root, encoding=args.encoding)
     args.where = _parse_where(args.where, _columns_of(rows), args.data)
     needed = []
     if args.min_frames is not None:
@@ -282,20 +292,24 @@ def run_filter(args: argparse.Namespace) -> int:
         needed.append("height")
     if any(getattr(args, f) is not None for f in ("min_width", "min_aspect", "max_aspect")):
         needed.append("width")
-    failures = _fill_probe(rows, needed) if needed else {}
+    failures = _fill_probe(rows, needed, every_row=args.probe) if needed or args.probe else {}
 
     kept, removed = [], Counter()
     for i, row in enumerate(rows):
-        reason = failures[i][0] if i in failures else _rejection(row, args)
+        if i in failures:
+            continue
+        reason = _rejection(row, args)
         if reason is None:
             kept.append(row)
         else:
             removed[reason] += 1
     out = Path(args.out)
     if not kept:
-        raise DataError(f"{args.data}: every row was removed ({dict(removed)}); --out not written")
+        raise DataError(f"{args.data}: every row was removed ({dict(removed)}, {len(failures)} unreadable); "
+                        f"--out not written")
     write_csv(out, _portable(kept, out), _columns_of(rows))
     print(f"kept {len(kept)} of {len(rows)} rows -> {out}")
+    _print_failures(failures, "  removed {n}: {reason}, e.g. {example}")
     for reason, n in removed.most_common():
         print(f"  removed {n}: {reason}")
     return 0
@@ -304,7 +318,8 @@ def run_filter(args: argparse.Namespace) -> int:
 def register_filter(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("filter", help="keep the rows of a CSV that pass size/length/caption/column filters",
                               description="Rows lacking num_frames/height/width are probed when a filter needs "
-                                          "them; unreadable and missing files are removed.")
+                                          "them (every row with --probe); unreadable, truncated and missing files "
+                                          "are removed.")
     p.add_argument("--data", required=True, help="input CSV")
     p.add_argument("--out", required=True, help="output CSV (paths relative to its folder)")
     p.add_argument("--data_root", default=None, help="folder relative paths of --data are under (default: its folder)")
@@ -318,6 +333,10 @@ def register_filter(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--where", action="append", default=None, metavar="COLUMN=V1,V2",
                    help="keep rows whose COLUMN is one of the values (repeatable; all must hold), e.g. "
                         "--where motion=left,right,up,down on the synthetic data")
+    p.add_argument("--probe", action="store_true",
+                   help="probe every row's file, not only rows lacking a column a filter needs: removes files that "
+                        "went missing or were damaged/truncated since the CSV was made")
+    add_encoding_argument(p, "--data")
     p.set_defaults(func=run_filter)
 
 
@@ -378,7 +397,7 @@ def plot_histograms(panels: dict[str, list[float]], out: Path) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    rows = read_csv(args.data, data_root=args.data_root)
+    rows = read_csv(args.data, data_root=args.data_root, encoding=args.encoding)
     failures = _fill_probe(rows, PROBED_COLUMNS)
     good = [row for i, row in enumerate(rows) if i not in failures]
     images = sum(1 for row in good if is_image(row["path"]))
@@ -393,8 +412,7 @@ def run_info(args: argparse.Namespace) -> int:
         "caption words": [_words(row["text"]) for row in rows],
     }
     print(f"{args.data}: {len(rows)} rows: {len(videos)} videos, {images} images, {len(failures)} unreadable")
-    for reason, n in Counter(reason for reason, _ in failures.values()).most_common():
-        print(f"  {n} {reason}, e.g. {next(m for r, m in failures.values() if r == reason)}")
+    _print_failures(failures, "  {n} {reason}, e.g. {example}")
     for name, values in stats.items():
         print(f"  {name:14s} {_summary(values)}")
     resolutions = Counter(f"{row['height']}x{row['width']}" for row in good)
@@ -414,6 +432,7 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset CSV")
     p.add_argument("--data_root", default=None, help="folder relative paths of --data are under (default: its folder)")
     p.add_argument("--plot", default=None, help="also write histograms to this PNG")
+    add_encoding_argument(p, "--data")
     p.set_defaults(func=run_info)
 
 

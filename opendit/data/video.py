@@ -74,12 +74,46 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return float(rate) if rate else 0.0
 
 
+def _check_tail(container: av.container.InputContainer, stream: av.video.stream.VideoStream, num_frames: int,
+                path: PathLike) -> None:
+    """Raise a VideoError when the last frames the header lists cannot be decoded (a file cut off after its
+    header was written, e.g. an interrupted download of a "faststart" mp4).
+
+    Cheap: seeks to the keyframe before the last frame and decodes only from there. The decoded frames must reach
+    the end of the stream's duration (header) to within half a frame; a stream without a duration is not checked
+    (its caller counted the frames by decoding them all).
+    """
+    av = _av()
+    fps, time_base = _stream_fps(stream), stream.time_base
+    if not stream.duration or fps <= 0 or not time_base:
+        return
+    frame_len = 1.0 / (fps * float(time_base))  # one frame in timestamp units
+    start = stream.start_time or 0
+    end = start + stream.duration
+    reached = None
+    try:
+        container.seek(max(start, int(end - 1.5 * frame_len)), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                # frame.duration is exact for variable frame rates; some demuxers leave it 0.
+                frame_end = frame.pts + (frame.duration or frame_len)
+                reached = frame_end if reached is None else max(reached, frame_end)
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: truncated or damaged: its last frames do not decode ({e}); the header lists "
+                         f"{num_frames} frames") from e
+    if reached is None or reached < end - 0.5 * frame_len:
+        got = "no frame" if reached is None else f"{float((reached - start) * time_base):.3g} s"
+        raise VideoError(f"{path}: truncated: the header lists {num_frames} frames "
+                         f"({float(stream.duration * time_base):.3g} s) but decoding near the end reaches {got}")
+
+
 def probe_video(path: PathLike) -> dict:
     """Frame count, frame rate, size and duration of the first video stream of ``path``.
 
     Returns ``{"num_frames": int, "fps": float, "height": int, "width": int, "duration": float}`` (duration in
-    seconds). The count comes from the container header; when the header has none (some mkv/webm/avi files) the
-    stream is decoded once to count the frames.
+    seconds). The count comes from the container header, and the last frames are decoded to check that the file
+    really holds them (a tail-truncated file is a VideoError); when the header has no count (some mkv/webm/avi
+    files) the stream is decoded once to count the frames.
     """
     av = _av()
     try:
@@ -89,11 +123,13 @@ def probe_video(path: PathLike) -> dict:
             stream = container.streams.video[0]
             fps = _stream_fps(stream)
             height, width = stream.codec_context.height, stream.codec_context.width
-            num_frames = stream.frames
-            if num_frames <= 0:
-                num_frames = sum(1 for _ in container.decode(stream))
             if height <= 0 or width <= 0:
                 raise VideoError(f"{path}: video stream has no frame size")
+            num_frames = stream.frames
+            if num_frames > 0:
+                _check_tail(container, stream, num_frames, path)
+            else:
+                num_frames = sum(1 for _ in container.decode(stream))
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -231,8 +267,8 @@ def write_video(path: PathLike, frames: FramesLike, fps: float, crf: int = 18) -
     ``frames`` is uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1] (see :func:`to_uint8_video`).
     ``.mp4`` (or ``.mov``/``.mkv``/``.m4v``) gets H.264 ``yuv420p`` at constant rate factor ``crf``, the same
     bytes for the same frames; since ``yuv420p`` needs even sizes, an odd height or width is padded by repeating
-    the last row/column (and a warning says so). A single frame is written as a ``.png`` next to the requested name; ``.gif`` and ``.png``
-    suffixes are honoured.
+    the last row/column (and a warning says so). A single frame is written as a ``.png`` next to the requested
+    name; ``.gif`` and ``.png`` suffixes are honoured.
     """
     av = _av()
     path, video = _prepare_output(path, frames, fps)
