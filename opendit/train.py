@@ -249,7 +249,7 @@ class Trainer:
         # whose ranks must make the same draws for the same videos.
         torch.manual_seed(self.cfg.global_seed + self.dp_rank)
         self.start_epoch, self.global_step = 0, 0
-        self.last_healthy: Path | None = None  # named by the stop message of a diverged run
+        self.healthy_saves: list[Path] = []  # the newest is named by the stop message of a diverged run
         if load_path is None:
             return
         states = load_train_state(load_path, self.model, self.optimizer, self.ema, self.scaler, self.device)
@@ -258,7 +258,7 @@ class Trainer:
         self.sampler.load_state_dict(states["sampler"])
         self.start_epoch, self.global_step = states["epoch"], states["global_step"]
         if states.get("health", {}).get("healthy", True):
-            self.last_healthy = load_path
+            self.healthy_saves.append(load_path)
         logger.info(f"resumed from {load_path}: epoch {self.start_epoch}, global step {self.global_step}")
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -357,11 +357,12 @@ class Trainer:
             return
         streak = self.health.nonfinite_in_a_row
         logger.warning(f"step {self.global_step}: loss is {result.loss}, update skipped ({streak} in a row)")
-        if self.health.diverged_right_after_save() and self.last_path is not None:
+        if self.health.diverged_right_after_save() and self.last_path is not None \
+                and self.last_path in self.healthy_saves:
             self._mark_last_save_unhealthy()
         if streak >= self.cfg.max_nonfinite_steps:
-            resume = (f"resume from the last healthy checkpoint with --load {self.last_healthy}"
-                      if self.last_healthy is not None else "no healthy checkpoint of this run to resume from")
+            resume = (f"resume from the last healthy checkpoint with --load {self.healthy_saves[-1]}"
+                      if self.healthy_saves else "no healthy checkpoint of this run to resume from")
             raise TrainingError(f"{streak} consecutive steps with a non-finite loss (step {self.global_step}): "
                                 f"stopping. Lower --lr or use --mixed_precision bf16; {resume}")
 
@@ -389,7 +390,7 @@ class Trainer:
         self.last_saved, self.last_path = self.global_step, path
         self.health.saved()
         if health["healthy"]:
-            self.last_healthy = path
+            self.healthy_saves.append(path)
             logger.info(f"saved checkpoint {path}")
         else:
             logger.warning(f"saved checkpoint {path}, marked unhealthy ({health['reason']}): --load latest "
@@ -399,8 +400,7 @@ class Trainer:
         reason = "the step right after it had a non-finite loss: the update before it may have diverged"
         if self.is_main:
             mark_unhealthy(self.last_path, reason)
-        if self.last_healthy == self.last_path:
-            self.last_healthy = None
+        self.healthy_saves.remove(self.last_path)
         logger.warning(f"checkpoint {self.last_path} marked unhealthy: {reason}")
 
     def close(self) -> None:
