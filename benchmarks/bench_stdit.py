@@ -7,7 +7,8 @@
 Train step = forward + backward + AdamW step under bf16 autocast with fp32 weights; sample step = one CFG
 forward (batch 2) in fp16. DiT only: text states and latents are random. FLOPs are counted analytically
 (`stdit_flops`), so MFU = FLOP/s / --peak_tflops. Prints one table; the ratio column is against the
-reference row of the same workload.
+reference row of the same workload, and a line under each reference row names the kernel its cross-attention
+used (xformers as in the original when it runs here, else per-sample SDPA at the same block-diagonal cost).
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def time_workload(impl: str, w: Workload, small: bool, device: torch.device, ste
     fwd = stdit_flops(info["depth"], info["C"], T, S, info["L"], info["C_text"], info["patch_out"])
     flops = fwd * w.batch * (3 if w.mode == "train" else 1)  # recompute is not useful work: not counted
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    cross_kernel = getattr(net, "cross_attn_kernel", None)
     del net, info
-    return dict(sec=sec, samples_per_s=w.batch / sec, ms=sec * 1e3, tflops=flops / sec / 1e12, peak_gib=peak)
+    return dict(sec=sec, samples_per_s=w.batch / sec, ms=sec * 1e3, tflops=flops / sec / 1e12, peak_gib=peak,
+                cross_kernel=cross_kernel)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             mfu = f"{100 * r['tflops'] / args.peak_tflops:.1f}%" if device.type == "cuda" else "-"
             print(f"{w.name:<20} {impl:<13} {r['samples_per_s']:>10.2f} {r['ms']:>9.1f} {r['peak_gib']:>9.1f} "
                   f"{r['tflops']:>8.2f} {mfu:>6} {ratio:>7}", flush=True)
+            if r["cross_kernel"] is not None:
+                kernel, why_not_xformers = r["cross_kernel"]
+                print(f"#   reference cross-attention: {kernel}"
+                      + (f" (xformers not used: {why_not_xformers})" if why_not_xformers else ""), flush=True)
     return 0
 
 
