@@ -5,15 +5,18 @@
             model/                           weights, torch.distributed.checkpoint (DCP), sharded
             optimizer/                       AdamW states, DCP
             ema.pt                           whole fp32 EMA, a plain state dict (loads like a released .pth)
-            running_states.json              epoch, step, global_step, sample_start_index, batch_size, ...
+            running_states.json              epoch, step, global_step, sample_start_index, batch_size, health, ...
             rng_rank{r}.pt                   each rank's RNG states
 
 DCP stores each tensor with its global shape, so a run can resume on a different number of processes (and
-with the other ``--plugin``). ``python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save
-<ckpt>/model model.pt`` turns the weights into a plain state dict with the released checkpoints' keys.
+with the other ``--plugin``). ``opendit export --weights model`` turns the weights into a model folder (DCP's own
+``format_utils`` unpickles ``.metadata`` unchecked: not for folders from elsewhere).
 
-A checkpoint is written to ``<name>.tmp`` and renamed when complete: a crash during a save leaves the previous
-checkpoints intact, and ``--load latest`` never picks an incomplete one.
+A checkpoint is written to ``<name>.tmp``, every file and folder fsynced, and renamed when complete: a crash
+during a save leaves the previous checkpoints intact, and the next save removes the interrupted folder.
+``--load latest`` takes the newest checkpoint that is complete, readable and healthy (``running_states.json``'s
+``health`` record, written by the trainer), and names each newer one it skipped and why. Every file is read
+without running code from it (``opendit.safe_load``); a bad one is a :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +34,32 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from opendit.ema import EMA
 from opendit.parallel import DynamicLossScaler
+from opendit.safe_load import CheckpointError, check_dcp_folder, check_torch_file, load_dcp, load_torch_file
+
+__all__ = ["CheckpointError", "create_experiment_dir", "remove_if_empty", "find_latest_checkpoint",
+           "latest_healthy_checkpoint", "resolve_load_path", "verify_checkpoint", "health_problem",
+           "mark_unhealthy", "save_train_state", "load_train_state"]
 
 logger = logging.getLogger("opendit")
 
 EXPERIMENT_RE = re.compile(r"^(\d+)-")
-CHECKPOINT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)$")
+CHECKPOINT_RE = re.compile(r"^epoch(\d+)-global_step(\d+)(\.tmp|\.old)?$")
 RUNNING_STATES = "running_states.json"
+PARTS = (RUNNING_STATES, "model", "optimizer", "ema.pt")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -51,11 +71,10 @@ def experiment_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
 
 
-def create_experiment_dir(outputs: str | os.PathLike, model_name: str) -> Path:
-    """Make ``outputs/NNN-<model>`` with NNN one above the highest existing index; same path on every rank."""
-    path = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        root = Path(outputs)
+def _make_experiment_dir(root: Path, model_name: str) -> Path:
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--outputs {root} is a file, not a folder")
+    try:
         root.mkdir(parents=True, exist_ok=True)
         indices = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := EXPERIMENT_RE.match(p.name))]
         index = max(indices, default=-1) + 1
@@ -63,28 +82,125 @@ def create_experiment_dir(outputs: str | os.PathLike, model_name: str) -> Path:
             path = root / f"{index:03d}-{experiment_name(model_name)}"
             try:
                 path.mkdir()
-                break
+                return path
             except FileExistsError:
                 index += 1
+    except OSError as e:
+        raise ValueError(f"--outputs {root}: cannot make a run folder there ({e.strerror or e})") from None
+
+
+def create_experiment_dir(outputs: str | os.PathLike, model_name: str) -> Path:
+    """Make ``outputs/NNN-<model>`` with NNN one above the highest existing index; same path on every rank.
+    An ``--outputs`` that is a file or cannot be written is a ValueError naming it, on every rank."""
+    box: list[str | None] = [None, None]  # (path, error) decided by rank 0
+    if _rank() == 0:
+        try:
+            box[0] = str(_make_experiment_dir(Path(outputs), model_name))
+        except ValueError as e:
+            box[1] = str(e)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [str(path) if path is not None else None]
         dist.broadcast_object_list(box, src=0)
-        path = Path(box[0])
-    return Path(path)
+    if box[1] is not None:
+        raise ValueError(box[1])
+    return Path(box[0])
 
 
-def list_checkpoints(experiment: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of one experiment folder, oldest first (by global step)."""
-    found = []
-    for p in Path(experiment).iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / RUNNING_STATES).is_file():
-            found.append((int(m.group(2)), p))
-    return [p for _, p in sorted(found)]
+def remove_if_empty(experiment_dir: str | os.PathLike) -> bool:
+    """Remove a run folder that holds no checkpoint (not even an interrupted one) and no logged step: a start
+    that failed leaves nothing behind. Acts on rank 0 only (no collective); returns whether it removed it."""
+    folder = Path(experiment_dir)
+    if _rank() != 0 or not folder.is_dir():
+        return False
+    metrics = folder / "metrics.jsonl"
+    if any(CHECKPOINT_RE.match(p.name) for p in folder.iterdir()) or (metrics.is_file() and metrics.stat().st_size):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def _checkpoint_folders(experiment: Path) -> list[Path]:
+    """Checkpoint folders of one experiment, interrupted ones (``.tmp``/``.old``) included, newest first."""
+    found = [(int(m.group(2)), m.group(3) is None, p) for p in experiment.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for *_, p in sorted(found, key=lambda f: f[:2], reverse=True)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checks: complete, readable, healthy
+# ------------------------------------------------------------------------------------------------------------
+
+def read_running_states(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """``running_states.json`` of a checkpoint, checked to be a JSON object with the resume fields."""
+    path = Path(checkpoint) / RUNNING_STATES
+    try:
+        states = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt, not JSON ({e})") from None
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{path}: corrupt, not a JSON object")
+    for key in ("epoch", "global_step", "sampler"):
+        if key not in states:
+            raise CheckpointError(f"{path}: corrupt, no '{key}'")
+    health = states.get("health")
+    if health is not None and not (isinstance(health, dict) and isinstance(health.get("healthy"), bool)):
+        raise CheckpointError(f"{path}: corrupt, 'health' is not {{\"healthy\": true|false, \"reason\": ...}}")
+    return states
+
+
+def health_problem(states: dict[str, Any]) -> str | None:
+    """Why the trainer marked a checkpoint unhealthy (its ``health.reason``), or None. Checkpoints without a
+    health record (older runs) count as healthy."""
+    health = states.get("health")
+    if health is None or health.get("healthy", True):
+        return None
+    return str(health.get("reason") or "no reason recorded")
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Cheap checks, no tensor read: every part is there, ``running_states.json`` parses, both DCP folders'
+    ``.metadata`` is safe and their data files whole, ``ema.pt`` is a whole archive. Returns the running states.
+
+    Raises FileNotFoundError (incomplete) or CheckpointError (corrupt or unsafe), naming the file.
+    """
+    path = Path(checkpoint)
+    if path.name.endswith((".tmp", ".old")):
+        raise FileNotFoundError(f"{path} is an incomplete checkpoint (a save was interrupted)")
+    for part in PARTS:
+        if not (path / part).exists():
+            raise FileNotFoundError(f"{path} is an incomplete checkpoint: no {part}")
+    states = read_running_states(path)
+    check_dcp_folder(path / "model")
+    check_dcp_folder(path / "optimizer")
+    check_torch_file(path / "ema.pt")
+    return states
+
+
+def _usable(experiment: Path) -> Iterator[tuple[Path, str | None]]:
+    """Each checkpoint folder of an experiment, newest first, with why it cannot be resumed (None: it can)."""
+    for path in _checkpoint_folders(experiment):
+        try:
+            problem = health_problem(verify_checkpoint(path))
+            yield path, None if problem is None else f"unhealthy: {problem}"
+        except FileNotFoundError as e:
+            yield path, f"incomplete: {e}"
+        except CheckpointError as e:
+            yield path, f"corrupt: {e}"
+
+
+def latest_healthy_checkpoint(experiment_dir: str | os.PathLike) -> Path | None:
+    """The newest complete, readable, healthy checkpoint of one run folder, or None (e.g. for the message of a
+    run that stops on non-finite losses)."""
+    experiment = Path(experiment_dir)
+    if not experiment.is_dir():
+        return None
+    return next((path for path, problem in _usable(experiment) if problem is None), None)
 
 
 def find_latest_checkpoint(outputs: str | os.PathLike) -> Path:
-    """Newest complete checkpoint of the newest experiment in ``outputs`` that has one (``--load latest``)."""
+    """``--load latest``: the newest complete, readable, healthy checkpoint of the newest experiment in
+    ``outputs`` that has one; each newer checkpoint skipped is a warning that says why."""
     root = Path(outputs)
     if not root.is_dir():
         raise FileNotFoundError(f"--load latest: outputs folder {root} does not exist (--outputs)")
@@ -92,31 +208,65 @@ def find_latest_checkpoint(outputs: str | os.PathLike) -> Path:
         ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := EXPERIMENT_RE.match(p.name))),
         reverse=True,
     )
+    skipped = 0
     for _, experiment in experiments:
-        checkpoints = list_checkpoints(experiment)
-        if checkpoints:
-            return checkpoints[-1]
-    raise FileNotFoundError(f"--load latest: no complete checkpoint in any experiment under {root} (--outputs)")
+        for path, problem in _usable(experiment):
+            if problem is None:
+                return path
+            skipped += 1
+            logger.warning(f"--load latest: skipping {path}: {problem}")
+    also = f" ({skipped} skipped, see the warnings)" if skipped else ""
+    raise FileNotFoundError(f"--load latest: no complete, healthy checkpoint in any experiment under {root}{also} "
+                            f"(--outputs)")
 
 
 def resolve_load_path(load: str, outputs: str | os.PathLike) -> Path:
-    """The checkpoint folder ``--load`` names ("latest" or a path), checked to be complete."""
+    """The checkpoint folder ``--load`` names ("latest" or a path), checked to be complete and readable. A
+    folder named explicitly is loaded even if unhealthy (the user asked for it), with a warning."""
     if load == "latest":
         return find_latest_checkpoint(outputs)
     path = Path(load)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {load} (--load)")
-    if path.name.endswith(".tmp"):
-        raise FileNotFoundError(f"{load} is an incomplete checkpoint (a save was interrupted) (--load)")
-    for part in (RUNNING_STATES, "model", "optimizer", "ema.pt"):
-        if not (path / part).exists():
-            raise FileNotFoundError(f"{load} is not a complete training checkpoint: no {part} (--load)")
+    try:
+        states = verify_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f"{e} (--load)") from None
+    problem = health_problem(states)
+    if problem is not None:
+        logger.warning(f"--load {load}: this checkpoint is marked UNHEALTHY ({problem}); loading it because it "
+                       f"was named. A run resumed from it may diverge again: an earlier checkpoint is safer")
     return path
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_synced(obj: Any, path: Path) -> None:
+    """torch.save, on disk before returning (a crash after the rename must not leave a zero-length file)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
     states = {"torch": torch.get_rng_state()}
@@ -125,14 +275,22 @@ def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
     return states
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+def _remove_interrupted(experiment: Path) -> None:
+    """Folders of saves that crashed (``.tmp``) or replacements that were cut short (``.old``)."""
+    for path in experiment.iterdir():
+        m = CHECKPOINT_RE.match(path.name)
+        if m and m.group(3) is not None and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info(f"removed {path} (left by an interrupted save)")
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def mark_unhealthy(checkpoint: str | os.PathLike, reason: str) -> None:
+    """Record in a saved checkpoint's ``running_states.json`` that it is unhealthy (atomic, fsynced rewrite;
+    rank 0 only)."""
+    path = Path(checkpoint)
+    states = read_running_states(path)
+    states["health"] = {**(states.get("health") or {}), "healthy": False, "reason": reason}
+    _write_json(path / RUNNING_STATES, states)
 
 
 def save_train_state(
@@ -146,38 +304,45 @@ def save_train_state(
 ) -> Path:
     """Write a checkpoint folder ``epoch{E}-global_step{S}`` (collective: every rank calls it).
 
-    ``running_states`` must hold ``epoch`` and ``global_step``; it is written as ``running_states.json`` with
-    the loss scaler's state and the world size added.
+    ``running_states`` must hold ``epoch`` and ``global_step``, and may hold ``health``: ``{"healthy": bool,
+    "reason": str, ...}`` (``--load latest`` skips unhealthy checkpoints). It is written as
+    ``running_states.json`` with the loss scaler's state and the world size added.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    health = running_states.get("health")
+    if health is not None and not (isinstance(health, dict) and isinstance(health.get("healthy"), bool)):
+        raise ValueError(f"running_states['health'] must be {{'healthy': bool, 'reason': str}}, got {health!r}")
+    rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     final = Path(experiment_dir) / f"epoch{running_states['epoch']}-global_step{running_states['global_step']}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save of this step
         tmp.mkdir(parents=True)
     _barrier()
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save(model_sd, checkpoint_id=str(tmp / "model"))
-    dcp.save(optim_sd, checkpoint_id=str(tmp / "optimizer"))
+    for name, sd in (("model", model_sd), ("optimizer", optim_sd)):  # DCP fsyncs its files (sync_files)
+        dcp.save(sd, storage_writer=FileSystemWriter(tmp / name, sync_files=True))
     ema_sd = ema.full_state_dict()  # collective all-gathers; rank 0 writes
     if rank == 0:
-        torch.save(ema_sd, tmp / "ema.pt")
+        _save_synced(ema_sd, tmp / "ema.pt")
     del ema_sd
-    torch.save(_rng_states(device), tmp / f"rng_rank{rank}.pt")
+    _save_synced(_rng_states(device), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         states = {**running_states, "world_size": world, "grad_scaler": scaler.state_dict()}
         _write_json(tmp / RUNNING_STATES, states)
     _barrier()  # every rank's files are in tmp
 
     if rank == 0:
+        for folder in (tmp / "model", tmp / "optimizer", tmp):  # the names in them, before the rename
+            _fsync_dir(folder)
         old = final.with_name(final.name + ".old")
         if final.exists():  # the same step saved twice (e.g. a resumed run): replace, never half-replace
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)  # atomic on POSIX: the checkpoint appears complete or not at all
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(final.parent)  # the rename itself
+        _remove_interrupted(final.parent)
     _barrier()
     return final
 
@@ -195,25 +360,26 @@ def load_train_state(
     device: torch.device,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, EMA, loss scale and (same process count only) RNG states from a checkpoint
-    folder; returns its running states. Collective: every rank calls it."""
+    folder; returns its running states. Collective: every rank calls it. A corrupt or unsafe file is a
+    CheckpointError naming it; nothing read runs code."""
     path = Path(path)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    with open(path / RUNNING_STATES) as f:
-        states = json.load(f)
+    states = read_running_states(path)
 
     # get_state_dict gives the (sharded) layout of *this* run; DCP reads each rank's part into it.
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load(model_sd, checkpoint_id=str(path / "model"))
-    dcp.load(optim_sd, checkpoint_id=str(path / "optimizer"))
+    load_dcp(model_sd, path / "model")
+    load_dcp(optim_sd, path / "optimizer")
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
     ema_path = path / "ema.pt"
-    ema.load_full_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True, mmap=True), str(ema_path))
+    ema.load_full_state_dict(load_torch_file(ema_path, mmap=True), str(ema_path))
     scaler.load_state_dict(states.get("grad_scaler", {}))
 
-    if states.get("world_size") == world and (path / f"rng_rank{rank}.pt").is_file():
-        rng = torch.load(path / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)
+    rng_path = path / f"rng_rank{rank}.pt"
+    if states.get("world_size") == world and rng_path.is_file():
+        rng = load_torch_file(rng_path)
         torch.set_rng_state(rng["torch"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -25,20 +26,42 @@ from pathlib import Path
 import yaml
 
 from opendit.models import STDiT, STDiTConfig, load_checkpoint
+from opendit.safe_load import check_torch_file, load_dcp
 
 
 def load_raw_weights(model: STDiT, checkpoint: Path) -> None:
-    """The trained (non-EMA) weights of a checkpoint's DCP `model/` folder, read in this one process."""
-    import torch.distributed.checkpoint as dcp
-
+    """The trained (non-EMA) weights of a checkpoint's DCP `model/` folder, read in this one process, without
+    running code from it (`opendit.safe_load`)."""
     folder = checkpoint / "model"
     if not folder.is_dir():
         raise FileNotFoundError(f"no model/ folder in checkpoint {checkpoint} (--checkpoint)")
     state = model.state_dict()
     with warnings.catch_warnings():  # loading in one process is the point here, not an accident
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # gathers every rank's shards
+        load_dcp(state, folder, no_dist=True)  # gathers every rank's shards
     model.load_state_dict(state)
+
+
+def write_model_folder(out: Path, model: STDiT, pipeline: dict) -> None:
+    """`config.json`, `model.safetensors` and `pipeline.json` in `out`, written in a staging folder next to it
+    first: a folder that cannot be written is one error, and nothing half-written is left behind."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder (--out)")
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save_pretrained(str(staging))
+        (staging / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+        if out.is_dir():  # an existing folder keeps its other files (e.g. high_noise/)
+            for path in staging.iterdir():
+                os.replace(path, out / path.name)
+            staging.rmdir()
+        else:
+            staging.rename(out)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"cannot write the model folder {out} ({e.strerror or e})") from None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_steps: int = 50, cfg_scale: float = 7.0,
@@ -50,8 +73,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
     ema = checkpoint / "ema.pt"
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
-    if weights == "ema" and not ema.is_file():
-        raise FileNotFoundError(f"no ema.pt in checkpoint folder {checkpoint} (--checkpoint)")
+    if weights == "ema":
+        if not ema.is_file():
+            raise FileNotFoundError(f"no ema.pt in checkpoint folder {checkpoint} (--checkpoint)")
+        check_torch_file(ema)  # empty or truncated: named here, not deep inside torch.load
     run = checkpoint.parent
     model_config, run_config = run / "model_config.json", run / "config.yaml"
     for path in (model_config, run_config):
@@ -63,7 +88,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
         load_checkpoint(model, str(ema))
     else:
         load_raw_weights(model, checkpoint)
-    model.save_pretrained(str(out))
     pipeline = {
         "text_encoder": text_encoder or train["text_pretrained_path"],
         "text_max_length": train["text_max_length"],
@@ -76,7 +100,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
         "prediction_type": train.get("prediction_type", "epsilon"),
         "source": f"{checkpoint.parent.name}/{checkpoint.name} ({weights} weights)",  # the run, not a local path
     }
-    (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+    write_model_folder(out, model, pipeline)
     return out
 
 
