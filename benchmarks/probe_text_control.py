@@ -13,13 +13,14 @@ true caption and with the opposite word: equal means the model ignores the word.
 
 Tasks: ``translate`` (shape crosses the frame in the word's direction), ``outward`` (shape runs from the centre
 to the edge the word names: `prepare synthetic --paths outward`, learned from step 375-750 with
---text_init_gain 2 where ``translate`` was not, docs/demo_model.md section 8), ``static`` (shape sits at that side, no
-motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to read, only
-frame order). ``--phrasings`` captions each clip in one of the word's phrasings (learned as fast: section 9).
-Measured 2026-11-25 on 2 CPU cores (docs/demo_model.md): with the original initialisation ``one`` and ``size``
-are learned in a few hundred steps, ``static`` and ``translate`` not at all; with
---text_init_gain 2 (a non-zero cross-attention output and larger caption projections) ``static`` is learned in
-500 steps and ``translate`` in two of three runs within 1,000-1,250 steps (the third not by 1,250).
+--text_init_gain 2 where ``translate`` was not, docs/history/demo_model_log.md section 8), ``static`` (shape sits
+at that side, no motion), ``size`` ("growing"/"shrinking" at the centre), ``one`` (a single direction: no word to
+read, only frame order). ``--phrasings`` captions each clip in one of the word's phrasings (learned as fast: the
+log's section 9). Measured 2026-11-25 on 2 CPU cores (docs/history/demo_model_log.md, section 2): with the
+original initialisation ``one`` and ``size`` are learned in a few hundred steps, ``static`` and ``translate``
+not at all; with --text_init_gain 2 (a non-zero cross-attention output and larger caption projections)
+``static`` is learned in 500 steps and ``translate`` in two of three runs within 1,000-1,250 steps (the third
+not by 1,250).
 """
 
 from __future__ import annotations
