@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from tiny_models import make_tiny_t5, make_tiny_vae
 
-from opendit.data import cache as cache_module
-from opendit.data.cache import (CachedLatentDataset, build_cache, cache_info, collate_cached, is_cache,
-                                sample_latents, view_starts)
+from opendit.data import cache_build as cache_module
+from opendit.data.cache import CachedLatentDataset, cache_info, collate_cached, is_cache, sample_latents
+from opendit.data.cache_build import build_cache, view_starts
 from opendit.data.csvfile import DataError, write_csv
 from opendit.data.dataset import resize_crop
 from opendit.data.prepare import main as prepare_main

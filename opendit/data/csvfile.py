@@ -22,7 +22,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 PATH_ALIASES = ("path", "video", "filepath")
 TEXT_ALIASES = ("text", "caption")
@@ -69,6 +69,14 @@ def add_encoding_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--encoding", default="utf-8",
                         help=f"text encoding of {what} (default utf-8; a byte that does not decode is an error "
                              f"naming the file and line), e.g. latin-1 or cp1252")
+
+
+def add_csv_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """``--data`` (a dataset CSV), ``--data_root`` and ``--encoding``: how a command reads a CSV (:func:`read_csv`)."""
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--data_root", default=None,
+                        help="folder relative paths of --data are under (default: its folder)")
+    add_encoding_argument(parser, "--data")
 
 
 def iter_records(path: str | os.PathLike, text: str, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
@@ -205,27 +213,45 @@ def relative_path(path: str | os.PathLike, csv_path: str | os.PathLike) -> str:
         return Path(os.path.abspath(path)).as_posix()
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, flush it to disk, then rename it to ``path``.
+
+    A reader (or a crash) never sees half a file: a file that exists is complete. The temporary file is removed
+    if ``write`` fails.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
+        # mkstemp creates the file private (0600); datasets and caches are meant to be shared.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> Path:
     """Write ``rows`` with a header of ``columns`` (missing values are empty) and return the path.
 
-    The file is written to a temporary name in the same folder and renamed, so a reader (or a crash) never
-    sees half a CSV. Paths are written as given; use :func:`relative_path` to make them portable.
+    The file is written atomically (:func:`write_atomically`), so a reader (or a crash) never sees half a CSV.
+    Paths are written as given; use :func:`relative_path` to make them portable.
     """
     path = Path(path)
     if "path" not in columns or "text" not in columns:
         raise ValueError(f"{path}: columns must include 'path' and 'text', got {list(columns)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             for row in rows:
                 writer.writerow([_format(row.get(c)) for c in columns])
-        # mkstemp creates the file private (0600); a dataset CSV is meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    write_atomically(path, write)
     return path

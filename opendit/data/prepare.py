@@ -2,7 +2,7 @@
 
 Each subcommand is a ``register(subparsers)`` function that adds its parser and sets ``func`` (``args -> int``).
 Sibling modules listed in :data:`EXTRA_COMMAND_MODULES` add their own subcommands the same way through a
-module-level ``register(subparsers)`` (``opendit.data.cache`` adds ``cache``).
+module-level ``register(subparsers)`` (``opendit.data.cache_build`` adds ``cache``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any, Callable
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from opendit.data.csvfile import (DataError, add_encoding_argument, iter_records, read_csv, read_text_file,
-                                  relative_path, write_csv)
+from opendit.data.csvfile import (DataError, add_csv_arguments, add_encoding_argument, iter_records, read_csv,
+                                  read_text_file, relative_path, write_csv)
 from opendit.data.synthetic import PATHS, write_synthetic_dataset
 from opendit.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, is_image, probe_video
 
 CSV_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width"]
 PROBED_COLUMNS = ["num_frames", "fps", "height", "width"]
-EXTRA_COMMAND_MODULES = ("opendit.data.cache",)
+EXTRA_COMMAND_MODULES = ("opendit.data.cache_build",)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -320,9 +320,8 @@ def register_filter(subparsers: argparse._SubParsersAction) -> None:
                               description="Rows lacking num_frames/height/width are probed when a filter needs "
                                           "them (every row with --probe); unreadable, truncated and missing files "
                                           "are removed.")
-    p.add_argument("--data", required=True, help="input CSV")
+    add_csv_arguments(p, "input CSV")
     p.add_argument("--out", required=True, help="output CSV (paths relative to its folder)")
-    p.add_argument("--data_root", default=None, help="folder relative paths of --data are under (default: its folder)")
     p.add_argument("--min_frames", type=int, default=None, help="at least this many frames")
     p.add_argument("--min_height", type=int, default=None, help="at least this many pixels high")
     p.add_argument("--min_width", type=int, default=None, help="at least this many pixels wide")
@@ -336,7 +335,6 @@ def register_filter(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probe", action="store_true",
                    help="probe every row's file, not only rows lacking a column a filter needs: removes files that "
                         "went missing or were damaged/truncated since the CSV was made")
-    add_encoding_argument(p, "--data")
     p.set_defaults(func=run_filter)
 
 
@@ -429,10 +427,8 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="counts and distributions of a dataset CSV",
                               description="Frames, fps, duration, resolution and caption length (min/median/max); "
                                           "rows lacking num_frames/fps/height/width are probed.")
-    p.add_argument("--data", required=True, help="dataset CSV")
-    p.add_argument("--data_root", default=None, help="folder relative paths of --data are under (default: its folder)")
+    add_csv_arguments(p, "dataset CSV")
     p.add_argument("--plot", default=None, help="also write histograms to this PNG")
-    add_encoding_argument(p, "--data")
     p.set_defaults(func=run_info)
 
 
