@@ -372,7 +372,7 @@ def test_write_frame_strip(tmp_path):
 
 def test_every_caption_names_the_background_in_several_phrasings():
     """At the noisiest steps the caption is all a model sees: one that leaves the background open makes most
-    pixels a coin flip, which drowned the motion words (docs/demo_model.md, section 9)."""
+    pixels a coin flip, which drowned the motion words (docs/history/demo_model_log.md, section 9)."""
     rng = np.random.default_rng(0)
     captions = {background: [make_caption("red", "circle", "right", background, 0.16, rng) for _ in range(40)]
                 for background in BACKGROUND_WORDS}

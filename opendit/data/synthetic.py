@@ -91,8 +91,8 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
     Translations travel 40-60% of the frame from anywhere (``paths="anywhere"``, the bundled demo model's data)
     or cross it edge to edge near its middle line (``paths="across"``) or run from near the centre to near the
     edge the motion names (``paths="outward"``: opposite words then differ in which half the shape is in,
-    docs/demo_model.md section 8); ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the bottom edge
-    (and ends where it started); ``growing``/``shrinking`` scale the radius about 3x.
+    docs/history/demo_model_log.md, section 8); ``bouncing`` drops 1 or 2 times from a height of 35-55% onto the
+    bottom edge (and ends where it started); ``growing``/``shrinking`` scale the radius about 3x.
     """
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
@@ -128,7 +128,7 @@ def sample_trajectory(motion: str, size: tuple[int, int], num_frames: int, rng: 
         other_position = across / 2 + rng.uniform(-0.15, 0.15) * across
     elif paths == "outward":
         # Why: "right" and "left" then differ in *where* the shape is (right or left half), not only in the order
-        # of the same places, which a small model learns first-order (docs/demo_model.md, section 8).
+        # of the same places, which a small model learns first-order (docs/history/demo_model_log.md, section 8).
         begin = along / 2 + rng.uniform(-0.05, 0.05) * along
         distance = along - radius - rng.uniform(0.0, 0.08) * along - begin
         other_position = across / 2 + rng.uniform(-0.15, 0.15) * across
@@ -210,8 +210,8 @@ def make_caption(color: str, shape: str, motion: str, background: str, radius_fr
     ``radius_fraction`` (radius / short side) lets translating shapes be called "small" or "big" truthfully.
     The background is always named: at the noisiest steps a model paints the whole clip from the caption alone,
     and a caption that leaves the background open makes most pixels a coin flip whose error drowns the weaker
-    signal of the motion word (docs/demo_model.md, section 9: with such captions the motion word was not learned,
-    with every caption naming it, it was, in 500 steps).
+    signal of the motion word (docs/history/demo_model_log.md, section 9: with such captions the motion word was
+    not learned, with every caption naming it, it was, in 500 steps).
     """
     adjective = ""
     if motion not in ("growing", "shrinking") and rng.random() < 0.5:
