@@ -178,8 +178,8 @@ def load_dcp(state_dict: dict[str, Any], folder: str | os.PathLike, no_dist: boo
 
 
 def check_torch_file(path: str | os.PathLike) -> None:
-    """Cheap check that a ``torch.save`` file is whole: a zip archive's directory sits at its end, so a
-    truncated copy fails here without reading the tensors."""
+    """Cheap check that a ``torch.save`` file is whole: torch.save writes a zip archive (the default since
+    torch 1.6), whose directory sits at its end, so a truncated copy fails here without reading the tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
