@@ -129,6 +129,11 @@ def _checkpoint_folders(experiment: Path) -> list[Path]:
 # Checks: complete, readable, healthy
 # ------------------------------------------------------------------------------------------------------------
 
+def _valid_health(health: Any) -> bool:
+    """No record (older runs), or ``{"healthy": bool, "reason": str, ...}``."""
+    return health is None or (isinstance(health, dict) and isinstance(health.get("healthy"), bool))
+
+
 def read_running_states(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """``running_states.json`` of a checkpoint, checked to be a JSON object with the resume fields."""
     path = Path(checkpoint) / RUNNING_STATES
@@ -143,8 +148,7 @@ def read_running_states(checkpoint: str | os.PathLike) -> dict[str, Any]:
     for key in ("epoch", "global_step", "sampler"):
         if key not in states:
             raise CheckpointError(f"{path}: corrupt, no '{key}'")
-    health = states.get("health")
-    if health is not None and not (isinstance(health, dict) and isinstance(health.get("healthy"), bool)):
+    if not _valid_health(states.get("health")):
         raise CheckpointError(f"{path}: corrupt, 'health' is not {{\"healthy\": true|false, \"reason\": ...}}")
     return states
 
@@ -308,9 +312,9 @@ def save_train_state(
     "reason": str, ...}`` (``--load latest`` skips unhealthy checkpoints). It is written as
     ``running_states.json`` with the loss scaler's state and the world size added.
     """
-    health = running_states.get("health")
-    if health is not None and not (isinstance(health, dict) and isinstance(health.get("healthy"), bool)):
-        raise ValueError(f"running_states['health'] must be {{'healthy': bool, 'reason': str}}, got {health!r}")
+    if not _valid_health(running_states.get("health")):
+        raise ValueError(f"running_states['health'] must be {{'healthy': bool, 'reason': str, ...}}, got "
+                         f"{running_states['health']!r}")
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     final = Path(experiment_dir) / f"epoch{running_states['epoch']}-global_step{running_states['global_step']}"
