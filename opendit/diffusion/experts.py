@@ -58,6 +58,14 @@ class NoiseLevelExperts(nn.Module):
         return self.low.out_channels
 
     @property
+    def learn_sigma(self) -> bool:
+        """The experts' ``learn_sigma``; both must agree, since the scheduler reads one output layout."""
+        low, high = self.low.learn_sigma, self.high.learn_sigma
+        if low != high:
+            raise ValueError(f"experts disagree on learned variance: low learn_sigma={low}, high learn_sigma={high}")
+        return low
+
+    @property
     def experts(self) -> list[nn.Module]:
         return [self.low, self.high]
 

@@ -222,6 +222,11 @@ class STDiT(nn.Module):
         if dtype is not None:
             self.to(dtype)
 
+    @property
+    def learn_sigma(self) -> bool:
+        """Whether the output holds the learned variance after the prediction (``pred_sigma``: 2C channels)."""
+        return self.config.pred_sigma
+
     # ----------------------------------------------------------------- forward
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
