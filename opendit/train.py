@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,14 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from opendit.checkpoint import create_experiment_dir, load_train_state, resolve_load_path, save_train_state
+from opendit.checkpoint import (
+    create_experiment_dir,
+    load_train_state,
+    mark_unhealthy,
+    remove_if_empty,
+    resolve_load_path,
+    save_train_state,
+)
 from opendit.config import ConfigError, parse_config, save_yaml
 from opendit.data.cache import CachedLatentDataset, open_for_training
 from opendit.data.csvfile import DataError
@@ -188,7 +194,7 @@ class Trainer:
         except BaseException:
             self.run_log.write_traceback()
             self.close()
-            discard_failed_start(self.experiment_dir, self.is_main)  # nothing worth keeping was written
+            remove_if_empty(self.experiment_dir)  # a failed start leaves no empty experiment folder
             raise
 
     # ---- build ------------------------------------------------------------------------------------------------
@@ -405,23 +411,6 @@ class Trainer:
 
     def close(self) -> None:
         self.run_log.close()
-
-
-def mark_unhealthy(checkpoint: Path, reason: str) -> None:
-    """Record in a saved checkpoint's running_states.json that it is unhealthy (atomic rewrite)."""
-    path = checkpoint / "running_states.json"
-    states = json.loads(path.read_text())
-    states["health"] = {**states.get("health", {}), "healthy": False, "reason": reason}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(states, indent=2))
-    os.replace(tmp, path)
-
-
-def discard_failed_start(experiment_dir: Path, is_main: bool) -> None:
-    """Remove a run folder that holds no checkpoint: a failed start leaves no empty experiment behind (the
-    console got the error; a run that trained keeps its folder and log)."""
-    if is_main and not any("global_step" in p.name for p in experiment_dir.iterdir()):
-        shutil.rmtree(experiment_dir, ignore_errors=True)
 
 
 def train(cfg: TrainConfig) -> Path:
