@@ -61,6 +61,16 @@ def test_quotes_that_close_on_their_line_and_crlf_files_read_normally(tmp_path):
     assert [r["text"] for r in read_csv(path)] == ["a cat, walking", 'she said "hi"', 'a 5" screen']
 
 
+def test_classic_mac_line_ends_read_as_before(tmp_path):
+    """A lone \\r ends a line (Excel's "CSV (Macintosh)"), as open(newline="") read it before the one-line rule."""
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"a.mp4,a cat\rb.mp4,a dog\r")
+    assert [r["text"] for r in read_csv(path)] == ["a cat", "a dog"]
+    path.write_bytes(b'a.mp4,"a cat\rb.mp4,a dog\r')
+    with pytest.raises(DataError, match=r"mac.csv:1: unclosed quote.* runs to the end of the file"):
+        read_csv(path)
+
+
 def test_unclosed_quote_in_a_captions_file_is_an_error(tmp_path, capsys):
     folder = tmp_path / "videos"
     write_video(folder / "a.mp4", np.full((4, 16, 16, 3), 90, np.uint8), fps=8)
@@ -142,6 +152,15 @@ def test_header_is_recognised_by_its_names_in_any_order(tmp_path, header, line, 
     path.write_text(f"{header}\n{line}\n")
     rows = read_csv(path)
     assert rows == [{"path": str(tmp_path / "clips/a.mp4"), **expected}]
+
+
+@pytest.mark.parametrize("caption", ["Video", "text", "caption", "path"])
+def test_headerless_row_whose_caption_is_a_column_name_is_data(tmp_path, caption):
+    """A first row holding a media file name is a data row (read so before headers were recognised by name)."""
+    path = tmp_path / "data.csv"
+    path.write_text(f"clips/a.mp4,{caption}\nclips/b.jpg,a dog\n")
+    assert [(r["path"], r["text"]) for r in read_csv(path)] == [(str(tmp_path / "clips/a.mp4"), caption),
+                                                              (str(tmp_path / "clips/b.jpg"), "a dog")]
 
 
 @pytest.mark.parametrize("header, message", [

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from opendit.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
 PATH_ALIASES = ("path", "video", "filepath")
 TEXT_ALIASES = ("text", "caption")
 INT_COLUMNS = ("num_frames", "height", "width")
@@ -85,8 +87,10 @@ def iter_records(path: str | os.PathLike, text: str, delimiter: str = ",") -> It
     A record must be one line: a quoted field spanning lines is almost always a caption whose opening quote was
     never closed, which would swallow the rows after it, so it is a :class:`DataError` naming ``path:line``.
     """
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    num_lines = text.count("\n") + (not text.endswith("\n"))
+    # newline="": lines end at \n, \r\n or a lone \r (what open(newline="") gave csv before: classic Mac Excel
+    # writes \r), and the line ends inside quoted fields are kept for the check below.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    num_lines = sum(1 for _ in io.StringIO(text, newline=""))  # counted as the reader counts them
     last_line = 0
     try:
         for fields in reader:
@@ -102,7 +106,10 @@ def iter_records(path: str | os.PathLike, text: str, delimiter: str = ",") -> It
 
 
 def _is_header(fields: list[str]) -> bool:
-    """A first row naming the path or text column (any order); a data row holds a file path and a caption."""
+    """A first row naming the path or text column (any order), unless it holds a media file name: then it is a
+    headerless data row whose caption happens to be a column name (``a.mp4,Video``)."""
+    if any(Path(f.strip()).suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS for f in fields):
+        return False
     return any(_canonical_column(f) in ("path", "text") for f in fields)
 
 
