@@ -1,14 +1,16 @@
 """What a training run records about itself: console/log.txt logging, metrics.jsonl + TensorBoard scalars, and
 the health of the run at each checkpoint (so that ``--load latest`` never resumes a diverged state).
 
-Health rule (docs/training.md, "Checkpoint safety and health"): a checkpoint is *unhealthy* when, since the
-previous checkpoint of this process (or the start),
-  1. any step had a non-finite loss (its update was skipped, but a streak means the weights already diverged;
-     a non-finite gradient norm alone is fp16 loss scaling at work, not divergence), or
-  2. the last step's loss exceeds ``LOSS_EXPLOSION`` x the median of the run's finite step losses, or its gradient
-     norm exceeds ``GRAD_EXPLOSION`` x their median (judged once ``MIN_HISTORY`` finite steps have been seen).
-A checkpoint whose very next step is non-finite is marked unhealthy afterwards as well: the update just before
-it may be the one that diverged.
+Health rule (docs/training.md, "Checkpoint safety and health"): a checkpoint is *unhealthy* when
+  1. since the previous checkpoint of this process (or the start), ``NONFINITE_STREAK`` or more consecutive steps
+     had a non-finite loss (each update was skipped, so one stray NaN leaves the weights as they were; a streak
+     means they already diverged; a non-finite gradient norm alone is fp16 loss scaling at work), or
+  2. the median loss of the steps since the previous checkpoint exceeds ``LOSS_EXPLOSION`` x the median of the
+     run's earlier step losses, or the same for gradient norms with ``GRAD_EXPLOSION`` (judged once
+     ``MIN_HISTORY`` earlier finite steps exist; medians, because single steps of a diffusion loss are
+     heavy-tailed: one step over 10x the median happens every ~10 steps at batch 1-2).
+A checkpoint saved during a non-finite streak, or just before one, is marked unhealthy once the streak reaches
+``NONFINITE_STREAK``: the update just before the streak may be the one that diverged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ logger = logging.getLogger("opendit")
 LOSS_EXPLOSION = 10.0
 GRAD_EXPLOSION = 100.0
 MIN_HISTORY = 10
+NONFINITE_STREAK = 2
 
 
 def setup_logging(is_main: bool) -> None:
@@ -37,54 +40,59 @@ class RunHealth:
     only sees the globally reduced loss and gradient norm)."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # finite step losses before the current window
         self.grad_norms: list[float] = []
-        self.nonfinite_since_save = 0
+        self.window_losses: list[float] = []  # ... and since the previous checkpoint
+        self.window_norms: list[float] = []
         self.nonfinite_in_a_row = 0
-        self.last: tuple[float, float] | None = None  # (loss, grad norm) of the last finite step
+        self.longest_streak_since_save = 0
         self.steps_since_save = 0
 
     def update(self, loss: float, grad_norm: float, had_samples: bool = True) -> None:
-        """Record one optimizer step's global mean loss and gradient norm. A non-finite gradient norm alone is
-        no sign of divergence (fp16 loss scaling overflows by design); a step without any good sample says
+        """Record one optimizer step's global mean loss and gradient norm. A step without any good sample says
         nothing about the weights."""
         self.steps_since_save += 1
         if not math.isfinite(loss):
             self.nonfinite_in_a_row += 1
-            self.nonfinite_since_save += 1
+            self.longest_streak_since_save = max(self.longest_streak_since_save, self.nonfinite_in_a_row)
         elif had_samples:
             self.nonfinite_in_a_row = 0
-            self.losses.append(loss)
-            if math.isfinite(grad_norm):
-                self.grad_norms.append(grad_norm)
-            self.last = (loss, grad_norm)
+            self.window_losses.append(loss)
+            if math.isfinite(grad_norm):  # fp16 overflow steps have none
+                self.window_norms.append(grad_norm)
 
-    def diverged_right_after_save(self) -> bool:
-        """True on the first step after a checkpoint when that step was not finite (rule's last sentence)."""
-        return self.steps_since_save == 1 and self.nonfinite_since_save == 1
+    def streak_poisons_last_save(self) -> bool:
+        """True on the step where a streak that began right after (or before) the last checkpoint reaches
+        ``NONFINITE_STREAK`` (the rule's last sentence)."""
+        return self.nonfinite_in_a_row == NONFINITE_STREAK and self.steps_since_save <= NONFINITE_STREAK
 
     def verdict(self) -> dict:
-        """``{"healthy": bool, "reason": str, "loss": ..., "grad_norm": ...}`` for the checkpoint saved now."""
-        loss, norm = self.last if self.last is not None else (None, None)
-        finite_norm = norm if norm is not None and math.isfinite(norm) else None  # JSON has no inf
-        record = {"healthy": True, "reason": "", "loss": loss, "grad_norm": finite_norm}
-        if self.nonfinite_since_save:
-            record.update(healthy=False, reason=f"{self.nonfinite_since_save} step(s) with a non-finite loss "
-                                                f"since the previous checkpoint")
-        elif self.last is not None and len(self.losses) >= MIN_HISTORY:
-            median_loss = statistics.median(self.losses)
-            median_norm = statistics.median(self.grad_norms) if self.grad_norms else math.inf
-            if loss > LOSS_EXPLOSION * median_loss:
-                record.update(healthy=False, reason=f"loss {loss:.4g} is over {LOSS_EXPLOSION:g}x the run's "
-                                                    f"median {median_loss:.4g}")
-            elif math.isfinite(norm) and self.grad_norms and norm > GRAD_EXPLOSION * median_norm:
-                record.update(healthy=False, reason=f"gradient norm {norm:.4g} is over {GRAD_EXPLOSION:g}x the "
-                                                    f"run's median {median_norm:.4g}")
+        """``{"healthy": bool, "reason": str, "loss": ..., "grad_norm": ...}`` for the checkpoint saved now
+        (loss and gradient norm: the medians since the previous checkpoint)."""
+        loss = statistics.median(self.window_losses) if self.window_losses else None
+        norm = statistics.median(self.window_norms) if self.window_norms else None
+        record = {"healthy": True, "reason": "", "loss": loss, "grad_norm": norm}
+        streak = max(self.longest_streak_since_save, self.nonfinite_in_a_row)
+        if streak >= NONFINITE_STREAK:
+            record.update(healthy=False, reason=f"{streak} consecutive steps with a non-finite loss since the "
+                                                f"previous checkpoint")
+        elif loss is not None and len(self.losses) >= MIN_HISTORY:
+            before = statistics.median(self.losses)
+            if loss > LOSS_EXPLOSION * before:
+                record.update(healthy=False, reason=f"median loss {loss:.4g} since the previous checkpoint is over "
+                                                    f"{LOSS_EXPLOSION:g}x the run's earlier median {before:.4g}")
+            elif norm is not None and self.grad_norms and norm > GRAD_EXPLOSION * statistics.median(self.grad_norms):
+                record.update(healthy=False, reason=f"median gradient norm {norm:.4g} since the previous checkpoint "
+                                                    f"is over {GRAD_EXPLOSION:g}x the run's earlier median "
+                                                    f"{statistics.median(self.grad_norms):.4g}")
         return record
 
     def saved(self) -> None:
         """A checkpoint was written: the next one is judged on the steps after it."""
-        self.nonfinite_since_save = 0
+        self.losses += self.window_losses
+        self.grad_norms += self.window_norms
+        self.window_losses, self.window_norms = [], []
+        self.longest_streak_since_save = 0
         self.steps_since_save = 0
 
 

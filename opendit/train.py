@@ -192,7 +192,6 @@ class Trainer:
             self._build_model(mesh)
             self._resume(load_path)
         except BaseException:
-            self.run_log.write_traceback()
             self.close()
             remove_if_empty(self.experiment_dir)  # a failed start leaves no empty experiment folder
             raise
@@ -238,7 +237,7 @@ class Trainer:
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info(f"{self.run_name}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
                         f"latent size {model.config.input_size}")
-        learn_sigma = model.config.pred_sigma  # a model without variance channels trains on the MSE alone
+        learn_sigma = model.learn_sigma  # a model without variance channels trains on the MSE alone
         self.model = parallelize(model, self.dims, mesh, cfg.plugin, device, dtype, cfg.grad_checkpoint,
                                  cfg.compile)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -363,8 +362,7 @@ class Trainer:
             return
         streak = self.health.nonfinite_in_a_row
         logger.warning(f"step {self.global_step}: loss is {result.loss}, update skipped ({streak} in a row)")
-        if self.health.diverged_right_after_save() and self.last_path is not None \
-                and self.last_path in self.healthy_saves:
+        if self.health.streak_poisons_last_save() and self.last_path in self.healthy_saves:
             self._mark_last_save_unhealthy()
         if streak >= self.cfg.max_nonfinite_steps:
             resume = (f"resume from the last healthy checkpoint with --load {self.healthy_saves[-1]}"
@@ -403,7 +401,7 @@ class Trainer:
                            f"will not pick it")
 
     def _mark_last_save_unhealthy(self) -> None:
-        reason = "the step right after it had a non-finite loss: the update before it may have diverged"
+        reason = "a streak of non-finite losses began right after it: the update before it may have diverged"
         if self.is_main:
             mark_unhealthy(self.last_path, reason)
         self.healthy_saves.remove(self.last_path)

@@ -23,25 +23,30 @@ def test_health_rule():
     for i in range(MIN_HISTORY):
         h.update(1.0 + 0.01 * i, 2.0)
     assert h.verdict()["healthy"]
+    h.saved()
     h.update(0.9, math.inf)  # an fp16 overflow step: finite loss, infinite gradient norm
+    h.update(50.0, 2.0)  # one heavy-tailed step: the window's median decides, not the last step
+    h.update(float("nan"), math.nan)  # one stray NaN: its update was skipped, the weights are as they were
+    h.update(1.1, 2.0)
     assert h.verdict()["healthy"]
-    h.update(50.0, 2.0)
+    h.saved()
+    for loss in (30.0, 40.0, 1.0):
+        h.update(loss, 2.0)
     verdict = h.verdict()
-    assert not verdict["healthy"] and "over 10x the run's median" in verdict["reason"]
+    assert not verdict["healthy"] and "median loss 30 since the previous checkpoint is over 10x" in verdict["reason"]
+    h.saved()
     h.update(1.0, 500.0)
-    assert "gradient norm 500 is over 100x" in h.verdict()["reason"]
-    h.saved()
-    h.update(1.0, 2.0)
-    assert h.verdict()["healthy"]
-    h.update(float("nan"), math.nan)
-    assert not h.verdict()["healthy"] and "1 step(s) with a non-finite loss" in h.verdict()["reason"]
+    assert "median gradient norm 500 since the previous checkpoint is over 100x" in h.verdict()["reason"]
     h.saved()
     h.update(float("nan"), math.nan)
-    assert h.diverged_right_after_save()
+    assert h.verdict()["healthy"] and not h.streak_poisons_last_save()
+    h.update(float("nan"), math.nan)
+    assert h.streak_poisons_last_save()  # the streak began right after the save
+    assert not h.verdict()["healthy"] and "2 consecutive steps with a non-finite loss" in h.verdict()["reason"]
 
 
 def test_diverged_run_resumes_from_the_last_healthy_checkpoint(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
-    """Steps 1-4 fine, NaN from step 5 on: the checkpoint at 4 (the step after it diverged) and at 6 are marked
+    """Steps 1-4 fine, NaN from step 5 on: the checkpoint at 4 (a streak began right after it) and at 6 are marked
     unhealthy, the stop message names step 2's, and --load latest resumes there with finite losses."""
     real = train_mod.IDDPM.training_losses
     calls = []
@@ -59,7 +64,7 @@ def test_diverged_run_resumes_from_the_last_healthy_checkpoint(assets, tmp_path,
     (exp,) = experiments(outputs)
     good, after, during = exp / "epoch0-global_step2", exp / "epoch0-global_step4", exp / "epoch1-global_step6"
     assert health(good)["healthy"]
-    assert not health(after)["healthy"] and "right after it" in health(after)["reason"]
+    assert not health(after)["healthy"] and "began right after it" in health(after)["reason"]
     assert not health(during)["healthy"] and "non-finite" in health(during)["reason"]
     err = capsys.readouterr().err
     assert f"--load {good}" in err and "Traceback" not in err

@@ -99,7 +99,8 @@ def iter_records(path: str | os.PathLike, text: str, delimiter: str = ",") -> It
                 reach = "the end of the file" if last_line >= num_lines else f"line {last_line}"
                 raise DataError(f"{path}:{line}: unclosed quote: the quoted field opened on line {line} runs to "
                                 f"{reach}, swallowing the lines after it as its text; close the quote (a quote "
-                                f"inside a quoted field is written twice: \"\")")
+                                f"inside a quoted field is written twice: \"\"); a caption may not hold line "
+                                f"breaks: replace them with spaces")
             yield line, fields
     except csv.Error as e:  # e.g. a NUL byte
         raise DataError(f"{path}:{reader.line_num}: not a CSV line ({e})") from None
