@@ -23,8 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
+from opendit.model_folder import read_run_config
 from opendit.models import STDiT, STDiTConfig, load_checkpoint
 from opendit.safe_load import check_torch_file, load_dcp
 
@@ -82,22 +81,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
     for path in (model_config, run_config):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --checkpoint must be a checkpoint folder of an opendit run")
-    train = yaml.safe_load(run_config.read_text())
+    run_settings = read_run_config(run)  # the sampling settings the run's flags imply (model_folder's one reading)
     model = STDiT(STDiTConfig.from_dict(json.loads(model_config.read_text())))
     if weights == "ema":
         load_checkpoint(model, str(ema))
     else:
         load_raw_weights(model, checkpoint)
     pipeline = {
-        "text_encoder": text_encoder or train["text_pretrained_path"],
-        "text_max_length": train["text_max_length"],
-        "vae": vae or train["vae_pretrained_path"],
-        "image_size": list(train["image_size"]),
-        "num_frames": train["num_frames"],
+        **run_settings,
+        "image_size": list(run_settings["image_size"]),
+        "text_encoder": text_encoder or run_settings["text_encoder"],
+        "vae": vae or run_settings["vae"],
         "fps": fps,
         "num_sampling_steps": num_sampling_steps,
         "cfg_scale": cfg_scale,
-        "prediction_type": train.get("prediction_type", "epsilon"),
+        "prediction_type": run_settings.get("prediction_type", "epsilon"),
         "source": f"{checkpoint.parent.name}/{checkpoint.name} ({weights} weights)",  # the run, not a local path
     }
     write_model_folder(out, model, pipeline)

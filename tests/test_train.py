@@ -227,7 +227,7 @@ def test_overfit_loss_falls_and_outputs(assets, tmp_path):
 
 def test_x0_prediction_is_trained_exported_and_sampled_as_such(assets, tmp_path):
     """--prediction_type sample: the loss is on x_0, and every way of sampling the run knows it."""
-    from opendit.sample import STDiTPipeline, SampleConfig, resolve_settings
+    from opendit.sample import STDiTPipeline, SampleConfig, settings_from_config
 
     outputs = tmp_path / "out"
     assert train_mod.main(argv(assets, outputs, max_steps=3, ckpt_every=3, prediction_type="sample",
@@ -240,8 +240,8 @@ def test_x0_prediction_is_trained_exported_and_sampled_as_such(assets, tmp_path)
     assert STDiTPipeline.from_pretrained(tmp_path / "exported", device="cpu").scheduler.predict_xstart
     # a checkpoint of the run (not exported) takes it from the run's config.yaml; a flag overrides it
     settings = dict(model_pretrained_path=str(checkpoint / "ema.pt"), text_pretrained_path="t5", vae_pretrained_path="pixel")
-    assert resolve_settings(SampleConfig(**settings))["prediction_type"] == "sample"
-    assert resolve_settings(SampleConfig(**settings, prediction_type="epsilon"))["prediction_type"] == "epsilon"
+    assert settings_from_config(SampleConfig(**settings)).prediction_type == "sample"
+    assert settings_from_config(SampleConfig(**settings, prediction_type="epsilon")).prediction_type == "epsilon"
     assert sample_main(["--model_pretrained_path", str(checkpoint / "ema.pt"), "--text_pretrained_path", str(assets["t5"]),
                         "--vae_pretrained_path", "pixel", "--text_max_length", "8", "--image_size", "16", "16",
                         "--num_frames", "4", "--scheduler_num_sampling_steps", "2", "--prompt", "a red ball",
