@@ -45,7 +45,7 @@ from opendit.data.csvfile import DataError
 from opendit.data.dataset import BadSampleTracker, StatefulDistributedSampler, VideoTextDataset, collate
 from opendit.diffusion import IDDPM
 from opendit.ema import EMA
-from opendit.models import MODEL_PRESETS, STDiT, STDiTConfig, load_checkpoint
+from opendit.models import load_checkpoint
 from opendit.parallel import (
     PRECISIONS,
     DynamicLossScaler,
@@ -56,7 +56,7 @@ from opendit.parallel import (
     parallelize,
 )
 from opendit.run_log import RunHealth, RunLog, setup_logging
-from opendit.train_config import TrainConfig
+from opendit.train_config import TrainConfig, build_stdit
 from opendit.train_inputs import TrainingError, model_inputs, per_sample_noise, synced_bad_samples
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "per_sample_noise"]
@@ -67,63 +67,6 @@ logger = logging.getLogger("opendit")
 #################################################################################
 #                                  Setup helpers                                #
 #################################################################################
-
-# STDiT keywords that follow from the data, the encoders and flags; a --model_config file may only repeat them.
-DERIVED_KEYS = {
-    "input_size": "--num_frames/--image_size and the VAE", "in_channels": "the VAE",
-    "caption_channels": "the text encoder", "model_max_length": "--text_max_length",
-    "space_scale": "--model_space_scale", "time_scale": "--model_time_scale", "freeze": "--freeze",
-}
-
-
-def read_model_config(path: str | None) -> dict:
-    """STDiT keywords from a JSON or YAML file (``--model_config``; a run's ``model_config.json`` works)."""
-    if path is None:
-        return {}
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model config not found: {path} (--model_config)")
-    with open(path) as f:
-        if path.endswith(".json"):
-            data = json.load(f)
-        else:
-            import yaml
-
-            data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} (--model_config) must hold a mapping of STDiT keywords")
-    return data
-
-
-def build_stdit(cfg: TrainConfig, vae, text_encoder) -> STDiT:  # noqa: ANN001 -- any VAE / text encoder
-    """STDiT from the preset, ``--model_config`` and the sizes the data and encoders dictate."""
-    derived = {
-        "input_size": tuple(vae.get_latent_size((cfg.num_frames, *cfg.image_size))),
-        "in_channels": vae.out_channels,
-        "caption_channels": text_encoder.output_dim,
-        "model_max_length": cfg.text_max_length,
-        "space_scale": cfg.model_space_scale,
-        "time_scale": cfg.model_time_scale,
-        "freeze": cfg.freeze,
-    }
-    from_file = read_model_config(cfg.model_config)
-    for key, value in from_file.items():
-        # A size in the file must agree with the one the data and encoders give (a run's model_config.json does).
-        if key in derived and (tuple(value) if isinstance(value, list) else value) != derived[key]:
-            raise ValueError(f"{cfg.model_config} (--model_config): '{key}' is {value!r} in the file but "
-                             f"{derived[key]!r} from {DERIVED_KEYS[key]}; remove it from the file or change the flag")
-    kernels = {"enable_flashattn": cfg.enable_flashattn, "enable_layernorm_kernel": cfg.enable_layernorm_kernel,
-               "enable_modulate_kernel": cfg.enable_modulate_kernel}  # run-time switches: the flags decide
-    keywords = {**MODEL_PRESETS[cfg.model], **from_file, **derived, **kernels}
-    try:
-        config = STDiTConfig.from_dict(keywords)
-    except ValueError as e:
-        raise ValueError(f"{e} (--model / --model_config)") from None
-    latent_size = derived["input_size"]
-    for n, p, flag in zip(latent_size, config.patch_size, ("--num_frames", "--image_size H", "--image_size W")):
-        if n % p:
-            raise ValueError(f"{flag} gives a latent size of {n}, not divisible by the patch size {p}")
-    return STDiT(config)
-
 
 def build_dataset(cfg: TrainConfig) -> VideoTextDataset | CachedLatentDataset:
     """The training set; the CSV is read and checked here, before anything heavy is loaded."""

@@ -1,12 +1,15 @@
 """`opendit train`'s settings: one typed dataclass, each field a flag (the original's, plus "(new)" ones) with its
-help text and checks. A YAML file (`--config`, or a run's own `config.yaml`) sets the same fields."""
+help text and checks; a YAML file (`--config`, or a run's own `config.yaml`) sets the same fields. Also the STDiT
+those settings describe (`build_stdit`: the preset, `--model_config`, and the sizes the data and encoders give)."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 from opendit.diffusion import LOSS_WEIGHTINGS, PREDICTION_TYPES
-from opendit.models import MODEL_PRESETS
+from opendit.models import MODEL_PRESETS, STDiT, STDiTConfig
 
 
 @dataclass
@@ -122,3 +125,60 @@ class TrainConfig:
             raise ValueError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.data_path is None:
             raise ValueError("--data_path is required: a CSV of path,text rows")
+
+
+# STDiT keywords that follow from the data, the encoders and flags; a --model_config file may only repeat them.
+DERIVED_KEYS = {
+    "input_size": "--num_frames/--image_size and the VAE", "in_channels": "the VAE",
+    "caption_channels": "the text encoder", "model_max_length": "--text_max_length",
+    "space_scale": "--model_space_scale", "time_scale": "--model_time_scale", "freeze": "--freeze",
+}
+
+
+def read_model_config(path: str | None) -> dict:
+    """STDiT keywords from a JSON or YAML file (``--model_config``; a run's ``model_config.json`` works)."""
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model config not found: {path} (--model_config)")
+    with open(path) as f:
+        if path.endswith(".json"):
+            data = json.load(f)
+        else:
+            import yaml
+
+            data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} (--model_config) must hold a mapping of STDiT keywords")
+    return data
+
+
+def build_stdit(cfg: TrainConfig, vae, text_encoder) -> STDiT:  # noqa: ANN001 -- any VAE / text encoder
+    """STDiT from the preset, ``--model_config`` and the sizes the data and encoders dictate."""
+    derived = {
+        "input_size": tuple(vae.get_latent_size((cfg.num_frames, *cfg.image_size))),
+        "in_channels": vae.out_channels,
+        "caption_channels": text_encoder.output_dim,
+        "model_max_length": cfg.text_max_length,
+        "space_scale": cfg.model_space_scale,
+        "time_scale": cfg.model_time_scale,
+        "freeze": cfg.freeze,
+    }
+    from_file = read_model_config(cfg.model_config)
+    for key, value in from_file.items():
+        # A size in the file must agree with the one the data and encoders give (a run's model_config.json does).
+        if key in derived and (tuple(value) if isinstance(value, list) else value) != derived[key]:
+            raise ValueError(f"{cfg.model_config} (--model_config): '{key}' is {value!r} in the file but "
+                             f"{derived[key]!r} from {DERIVED_KEYS[key]}; remove it from the file or change the flag")
+    kernels = {"enable_flashattn": cfg.enable_flashattn, "enable_layernorm_kernel": cfg.enable_layernorm_kernel,
+               "enable_modulate_kernel": cfg.enable_modulate_kernel}  # run-time switches: the flags decide
+    keywords = {**MODEL_PRESETS[cfg.model], **from_file, **derived, **kernels}
+    try:
+        config = STDiTConfig.from_dict(keywords)
+    except ValueError as e:
+        raise ValueError(f"{e} (--model / --model_config)") from None
+    latent_size = derived["input_size"]
+    for n, p, flag in zip(latent_size, config.patch_size, ("--num_frames", "--image_size H", "--image_size W")):
+        if n % p:
+            raise ValueError(f"{flag} gives a latent size of {n}, not divisible by the patch size {p}")
+    return STDiT(config)
