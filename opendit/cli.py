@@ -11,6 +11,7 @@ from typing import NoReturn
 COMMANDS = {
     "train": ("opendit.train", "train or fine-tune STDiT (works alone or under torchrun)"),
     "sample": ("opendit.sample", "generate videos from text prompts"),
+    "app": ("opendit.app", "serve a web page and HTTP API for sampling (the [app] extra)"),
     "prepare": ("opendit.data.prepare", "prepare data: csv | filter | info | synthetic | cache"),
     "launch": ("opendit.launch", "start a multi-node run from a hostfile over ssh"),
     "export": ("opendit.export", "turn a training checkpoint into a model folder for sampling"),
