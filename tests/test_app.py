@@ -120,3 +120,14 @@ def test_cli_lists_app(capsys):
 
     assert cli_main(["--help"]) == 0
     assert "app " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+    (["--examples", "no_such_file.txt"], "--examples no_such_file.txt: file not found"),
+])
+def test_bad_serving_flags_are_one_line_errors_before_loading(flags, message, capsys):
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opendit app: error: {message}") and "\n" not in err

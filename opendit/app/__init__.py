@@ -10,12 +10,15 @@ JSON sidecar of its `generate` arguments (seed included). `opendit.app.generate`
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opendit.app.generate import Result, VideoGenerator, read_sidecar  # noqa: F401  (the names callers import)
+from opendit.app.generate import Result, VideoGenerator, read_sidecar
+
+__all__ = ["AppConfig", "Result", "VideoGenerator", "load_generator", "main", "read_sidecar"]
 
 INSTALL_HINT = "opendit app: gradio is not installed; install the app extra: pip install -e \".[app]\""
 
@@ -48,12 +51,20 @@ class AppConfig:
     examples: str | None = field(default=None, metadata={"help": "text file of example prompts, one a line"})
 
 
-def load_generator(cfg: AppConfig):
+def check_flags(cfg: AppConfig) -> None:
+    """The serving flags, checked before the model loads; ValueError naming the flag."""
+    if cfg.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {cfg.concurrency}")
+    if not 0 < cfg.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {cfg.port}")
+    if cfg.examples is not None and not Path(cfg.examples).is_file():
+        raise ValueError(f"--examples {cfg.examples}: file not found")
+
+
+def load_generator(cfg: AppConfig) -> VideoGenerator:
     """The pipeline `cfg` names (loaded once), wrapped for the app."""
     from opendit.pipeline import STDiTPipeline
 
-    if cfg.concurrency < 1:
-        raise ValueError(f"--concurrency must be >= 1, got {cfg.concurrency}")
     pipe = STDiTPipeline.from_pretrained(
         cfg.model_pretrained_path, device=cfg.device, dtype=cfg.dtype, model_preset=cfg.model,
         text_encoder=cfg.text_pretrained_path, vae=cfg.vae_pretrained_path, text_max_length=cfg.text_max_length,
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks, one line per request
     cfg = parse_config(AppConfig, argv, prog="opendit app", description="Serve a web page and API for sampling.")
     try:
-        import gradio  # noqa: F401
+        importlib.import_module("gradio")
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 1
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from opendit.app.page import build_page, launch
 
     try:
+        check_flags(cfg)
         generator = load_generator(cfg)
         examples = example_prompts(generator.pipe, cfg.examples)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:

@@ -66,8 +66,9 @@ class Option:
         if ok and self.kind is int:
             ok = float(value).is_integer()
         if not ok or not self.minimum <= value <= self.maximum:
-            kind = "an integer" if self.kind is int else "a number"
-            raise ValueError(f"{self.name} must be {kind} in {self.minimum:g}..{self.maximum:g}, got {value!r}")
+            kind, low, high = ("an integer", int(self.minimum), int(self.maximum)) if self.kind is int else \
+                ("a number", self.minimum, self.maximum)
+            raise ValueError(f"{self.name} must be {kind} in {low}..{high}, got {value!r}")
         return self.kind(value)
 
 
