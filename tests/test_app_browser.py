@@ -59,7 +59,7 @@ def browser():
         browser.close()
 
 
-def test_page_generates_playing_videos_with_progress_shows_errors_and_recalls_settings(url, browser, tmp_path):
+def test_page_generates_playing_videos_with_progress_shows_errors_and_recalls_settings(browser, url, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(url)
     page.get_by_label("Prompt").fill(PROMPT)
