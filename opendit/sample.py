@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from opendit.config import parse_config
+from opendit.data.csvfile import read_text_file
 from opendit.diffusion import PREDICTION_TYPES
 from opendit.pipeline import (
     BUNDLED_MODEL,
@@ -100,8 +101,8 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     if cfg.prompt_path:
         if not os.path.isfile(cfg.prompt_path):
             raise FileNotFoundError(f"prompt file not found: {cfg.prompt_path} (--prompt_path)")
-        with open(cfg.prompt_path, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        # a byte that is not UTF-8 is one line naming the file, line and byte (csvfile's rule for user text)
+        prompts += [line.strip() for line in read_text_file(cfg.prompt_path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompt given: use --prompt TEXT (repeatable) or --prompt_path FILE")
     return prompts

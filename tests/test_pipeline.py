@@ -251,3 +251,14 @@ def test_model_sources(run_checkpoint, tmp_path):
     assert read_model_source(tmp_path / "released.pth").kind == "checkpoint"
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         read_model_source(tmp_path)
+
+
+def test_prompt_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys):
+    from opendit.sample import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red circle\nun cercle bleu \xe9l\xe9gant\n".encode("latin-1"))
+    assert main(["--prompt_path", str(prompts), "--save_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{prompts}:2" in err and "utf-8" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
