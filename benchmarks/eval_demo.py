@@ -52,18 +52,18 @@ def grid(colors: list[str], motions: list[str], shapes: list[str], seeds: list[i
 
 def evaluate(pipe: STDiTPipeline, cases: list[tuple[str, str, str, int]], background: str, steps: int | None,
              guidance: float | None, batch_size: int) -> list[dict]:
-    d = pipe.defaults
+    d = pipe.settings
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(cases), batch_size):
             chunk = cases[start:start + batch_size]
             prompts = [prompt_for(c, shape, m, background) for c, shape, m, _ in chunk]
             generator = torch.Generator().manual_seed(chunk[0][3] * 100_003 + start)
-            videos = pipe(prompts, num_frames=d["num_frames"], height=d["image_size"][0], width=d["image_size"][1],
+            videos = pipe(prompts, num_frames=d.num_frames, height=d.image_size[0], width=d.image_size[1],
                           num_inference_steps=steps, guidance_scale=guidance, generator=generator, progress=False)
             for (color, shape, motion, seed), prompt, video in zip(chunk, prompts, videos):
-                path = write_video(Path(tmp) / "clip.mp4", video, fps=d.get("fps", 8))
-                frames = read_frames(path, list(range(d["num_frames"]))).numpy()
+                path = write_video(Path(tmp) / "clip.mp4", video, fps=d.fps)
+                frames = read_frames(path, list(range(d.num_frames))).numpy()
                 found = analyze_clip(frames)
                 results.append(dict(prompt=prompt, seed=seed, color=color, shape=shape, motion=motion, frames=frames,
                                     found_color=found["color"], found_shape=found["shape"],
@@ -76,13 +76,13 @@ def word_use(pipe: STDiTPipeline, num_clips: int = 48, timesteps: tuple[int, ...
              seed: int = 0, paths: str = "anywhere") -> dict[int, tuple[float, float, float]]:
     """{timestep: (loss, % rise with the motion word swapped, % rise with the colour word swapped)} on rendered
     clips of the four translations (same clips, noise and timestep for the three captions)."""
-    d, rng = pipe.defaults, np.random.default_rng(seed)
+    d, rng = pipe.settings, np.random.default_rng(seed)
     colors = list(COLORS)
     translations = list(MOTION_DIRECTIONS)
     cases = [(str(rng.choice(colors)), str(rng.choice(SHAPES)), translations[i % 4], str(rng.choice(list(BACKGROUNDS))))
              for i in range(num_clips)]
-    size = tuple(d["image_size"])
-    clips = [render_clip(c, s, m, b, size=size, num_frames=d["num_frames"], rng=rng, paths=paths)
+    size = tuple(d.image_size)
+    clips = [render_clip(c, s, m, b, size=size, num_frames=d.num_frames, rng=rng, paths=paths)
              for c, s, m, b in cases]
     video = torch.stack([resize_crop(torch.from_numpy(f), size) for f in clips])  # (B, 3, T, H, W) in [-1, 1]
     z = pipe.vae.encode(video.to(pipe.device))

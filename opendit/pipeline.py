@@ -11,7 +11,7 @@ resolves one; `opendit sample` builds one from its flags), or from components by
 from __future__ import annotations
 
 import copy
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,11 +88,6 @@ class STDiTPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @property
-    def defaults(self) -> dict:
-        """The settings as a dict (what benchmarks/eval_demo.py reads; new code reads ``settings``)."""
-        return {f.name: getattr(self.settings, f.name) for f in fields(self.settings)}
 
     # ------------------------------------------------------------------ loading
     @classmethod
