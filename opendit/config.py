@@ -77,6 +77,9 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: '{name}' may not be null")
     origin = typing.get_origin(tp)
+    mapping_ok = any(f.name == name and f.metadata.get("mapping") for f in dataclasses.fields(cls))
+    if mapping_ok and isinstance(value, dict):  # a YAML mapping inline where the flag takes a file of one
+        return value
     try:
         if origin is tuple:
             return tuple(typing.get_args(tp)[0](v) for v in value)

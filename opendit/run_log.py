@@ -118,7 +118,8 @@ class RunLog:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+        buckets = [k for k in record if k.startswith("bucket/")]  # --bucket_config: each shape's share of batches
+        for key in ("loss", "lr", "grad_norm", "samples_per_s", *buckets):
             if record.get(key) is not None and math.isfinite(record[key]):
                 self.writer.add_scalar(key, record[key], record["step"])
 

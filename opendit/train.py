@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from opendit.parallel import (
 from opendit.run_log import RunHealth, RunLog, setup_logging
 from opendit.train_config import TrainConfig, build_stdit
 from opendit.train_inputs import TrainingError, model_inputs, per_sample_noise, synced_bad_samples
+from opendit.train_buckets import bucket_mix, build_bucket_loader  # --bucket_config
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "per_sample_noise"]
 
@@ -132,6 +134,8 @@ class Trainer:
                 logger.info(f"experiment folder {self.experiment_dir}; {len(self.dataset):,} clips from "
                             f"{cfg.data_path}; {self.dims.dp} data-parallel x {self.dims.sp} sequence-parallel "
                             f"processes on {device.type}")
+                if self.bucketed:
+                    logger.info(self.sampler.summary)  # clips fitting a bucket, and why the others do not
             self._build_model(mesh)
             self._resume(load_path)
         except BaseException:
@@ -144,6 +148,15 @@ class Trainer:
         cfg = self.cfg
         self.dataset = build_dataset(cfg)
         self.cached = isinstance(self.dataset, CachedLatentDataset)  # precomputed latents: no encoders to run
+        # ---- shape buckets (--bucket_config, opendit.train_buckets): batches of one bucket, counted in batches --
+        self.bucketed = cfg.bucket_config is not None
+        self.window_shapes: Counter = Counter()  # (T, H, W) of the batches since the last log record
+        if self.bucketed:
+            self.sampler, self.loader = build_bucket_loader(cfg, self.dataset, self.dims.dp, self.dp_rank,
+                                                            self.device)
+            self.global_batch = cfg.batch_size * cfg.grad_accum * self.dims.dp  # (unused: batches vary)
+            return
+        # ------------------------------------------------------------------------------------------------------
         self.sampler = StatefulDistributedSampler(len(self.dataset), num_replicas=self.dims.dp, rank=self.dp_rank,
                                                   shuffle=True, seed=cfg.global_seed, drop_last=True)
         self.loader = DataLoader(
@@ -224,8 +237,11 @@ class Trainer:
                 break
             self.sampler.set_epoch(epoch)  # keeps a resumed epoch's start index
             self.dataset.set_epoch(epoch)
-            first_step = self.sampler.start_index // self.global_batch
-            steps = len(self.sampler) // (cfg.batch_size * cfg.grad_accum)
+            if self.bucketed:  # the bucket sampler counts global batches
+                first_step, steps = self.sampler.start_index // cfg.grad_accum, len(self.sampler) // cfg.grad_accum
+            else:
+                first_step = self.sampler.start_index // self.global_batch
+                steps = len(self.sampler) // (cfg.batch_size * cfg.grad_accum)
             if steps == 0:
                 continue
             batches = iter(self.loader)
@@ -248,6 +264,9 @@ class Trainer:
                 if self.global_step >= max_steps or out_of_time:
                     break
             pbar.close()
+            if self.bucketed:
+                logger.info(f"epoch {epoch}: clips per bucket: " + ", ".join(
+                    f"{name} {n}" for name, n in self.sampler.clips_per_bucket().items()))
         if out_of_time:
             logger.info(f"--max_minutes {cfg.max_minutes} reached at step {self.global_step}")
         logger.info(f"done: {self.global_step} steps; outputs in {self.experiment_dir}")
@@ -260,7 +279,9 @@ class Trainer:
         loss_sum, step_good = torch.zeros((), device=device), 0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            self.sampler.advance(cfg.batch_size * dims.dp)
+            self.sampler.advance(1 if self.bucketed else cfg.batch_size * dims.dp)
+            if self.bucketed:
+                self.window_shapes[batch["shape"]] += 1
             num_good = synced_bad_samples(batch, self.tracker, self.dp_group, device)
             step_good += num_good
             x, y, mask, indices, weight = model_inputs(batch, self.dataset, self.vae, self.text_encoder, cfg,
@@ -320,6 +341,9 @@ class Trainer:
                       loss=w["loss"] / w["steps"] if w["steps"] else float("nan"),
                       lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
                       samples_per_s=w["samples"] / max(time.time() - w["t"], 1e-9))
+        if self.bucketed:  # the share of each bucket shape among the window's batches
+            record.update(bucket_mix(self.window_shapes))
+            self.window_shapes.clear()
         self.run_log.log(record)
         self.window = dict(loss=0.0, steps=0, samples=0, t=time.time())
         return dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",

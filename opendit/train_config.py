@@ -91,6 +91,14 @@ class TrainConfig:
         "help": "checkpoint folder to resume from, or 'latest' (newest complete one under --outputs)"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
     ckpt_every: int = field(default=1000, metadata={"help": "checkpoint every N steps and at the end (0: never)"})
+    # ---- shape buckets (issue 21; opendit.data.buckets, docs/training.md "Training on mixed sizes") ----------------
+    bucket_config: str | None = field(default=None, metadata={"mapping": True, "help": (
+        "(new) YAML/JSON file of resolution -> {num_frames: [keep probability, batch size]} (Open-Sora 1.2's form; "
+        "in a --config file also inline): train every clip at its own resolution, aspect ratio and length instead "
+        "of --num_frames/--image_size/--batch_size; see docs/training.md")})
+    auto_batch: bool = field(default=False, metadata={"help": (
+        "(new, GPU only, untested) with --bucket_config: lower each bucket's batch size to the largest that fits "
+        "in GPU memory, probed before training; ignored on the CPU")})
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # a list when built from Python
@@ -125,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.data_path is None:
             raise ValueError("--data_path is required: a CSV of path,text rows")
+        if self.bucket_config is not None:  # a file is read here, so the run's config.yaml holds the table itself
+            from opendit.data.buckets import load_bucket_config
+
+            self.bucket_config = load_bucket_config(self.bucket_config)
 
 
 # STDiT keywords that follow from the data, the encoders and flags; a --model_config file may only repeat them.

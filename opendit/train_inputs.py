@@ -42,7 +42,8 @@ def model_inputs(batch: dict, dataset, vae, text_encoder, cfg: TrainConfig, epoc
     if len(batch["index"]) == 0:
         # Every rank must run forward and backward (FSDP/DDP collectives), so a rank whose samples were all bad
         # trains on a blank clip with weight 0.
-        video, texts, indices, weight = torch.zeros(1, 3, cfg.num_frames, *cfg.image_size), [""], [0], 0.0
+        shape = batch.get("shape", (cfg.num_frames, *cfg.image_size))  # bucketed: the shape all ranks train now
+        video, texts, indices, weight = torch.zeros(1, 3, *shape), [""], [0], 0.0
     else:
         video, texts, indices, weight = batch["video"], batch["text"], batch["index"].tolist(), 1.0
     with torch.no_grad():

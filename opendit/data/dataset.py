@@ -109,25 +109,38 @@ class VideoTextDataset(Dataset):
             self._lengths[index] = probe_video(path)["num_frames"]
         return self._lengths[index]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int, int, int]) -> dict[str, Any]:
+        """``key``: a dataset index (the flags' shape), or ``(index, num_frames, height, width)`` from the bucket
+        sampler (:mod:`opendit.data.bucket_sampler`; index -1 is a placeholder: ``{"shape": ...}`` only). Bucketed
+        items also carry ``"shape"``: (T, H, W)."""
+        if isinstance(key, tuple):
+            index, num_frames, height, width = key
+            if index < 0:
+                return {"shape": (num_frames, height, width)}
+            item = self._load(index, num_frames, (height, width))
+            return {**item, "shape": (num_frames, height, width)}
+        return self._load(key, self.num_frames, self.image_size)
+
+    def _load(self, index: int, num_frames: int, size: tuple[int, int]) -> dict[str, Any]:
         row = self.rows[index]
         path = row["path"]
+        span = (num_frames - 1) * self.frame_interval + 1
         rng = np.random.default_rng([self.seed, self.epoch, index])
         try:
             if is_image(path):
-                frames = read_image(path).unsqueeze(0).expand(self.num_frames, -1, -1, -1)  # (T, H, W, 3)
+                frames = read_image(path).unsqueeze(0).expand(num_frames, -1, -1, -1)  # (T, H, W, 3)
             else:
                 total = self._video_length(index, path)
-                if total < self.span:
-                    return {"error": f"{path}: {total} frames, too short for num_frames={self.num_frames} "
-                                     f"every frame_interval={self.frame_interval} (needs {self.span})",
+                if total < span:
+                    return {"error": f"{path}: {total} frames, too short for num_frames={num_frames} "
+                                     f"every frame_interval={self.frame_interval} (needs {span})",
                             "index": index}
-                start = int(rng.integers(0, total - self.span + 1))
-                frames = read_frames(path, [start + i * self.frame_interval for i in range(self.num_frames)])
+                start = int(rng.integers(0, total - span + 1))
+                frames = read_frames(path, [start + i * self.frame_interval for i in range(num_frames)])
         except VideoError as e:
             return {"error": str(e), "index": index}
         flip = self.random_flip and bool(rng.integers(0, 2))
-        video = resize_crop(frames, self.image_size, flip=flip)  # (3, T, H, W)
+        video = resize_crop(frames, size, flip=flip)  # (3, T, H, W)
         return {"video": video, "text": row["text"], "index": index}
 
 
@@ -135,15 +148,19 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the good samples of ``batch`` and list the bad ones.
 
     Returns ``{"video": (B, 3, T, H, W) or None when every sample was bad, "text": [B str], "index": (B,) long,
-    "bad": [error messages]}``; B is the number of good samples and may be smaller than the batch size.
+    "bad": [error messages]}``; B is the number of good samples and may be smaller than the batch size. Bucketed
+    items (and the sampler's placeholders, which are neither good nor bad) add ``"shape"``: the batch's (T, H, W).
     """
-    good = [b for b in batch if "error" not in b]
-    return {
+    good = [b for b in batch if "video" in b]
+    out = {
         "video": torch.stack([b["video"] for b in good]) if good else None,
         "text": [b["text"] for b in good],
         "index": torch.tensor([b["index"] for b in good], dtype=torch.long),
         "bad": [b["error"] for b in batch if "error" in b],
     }
+    if batch and "shape" in batch[0]:
+        out["shape"] = batch[0]["shape"]
+    return out
 
 
 class BadSampleTracker:
@@ -270,6 +287,9 @@ class StatefulDistributedSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the number of replicas may differ from the saved run's."""
+        if state.get("kind") == "buckets":
+            raise ValueError("the checkpoint was trained with --bucket_config: its data order continues only with "
+                             "the same bucket config")
         for key in ("seed", "shuffle", "dataset_len"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "

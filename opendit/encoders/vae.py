@@ -176,3 +176,16 @@ def load_vae(
     if str(path) == "pixel":
         return PixelVAE()
     return VideoAutoencoderKL(path, micro_batch_size=micro_batch_size, dtype=dtype, device=device)
+
+
+def vae_patch_size(path: str | Path) -> tuple[int, int, int]:
+    """(T, H, W) downsampling of the VAE at ``path`` read from its config alone (nothing loaded): what sizes the
+    training data must be multiples of before the VAE itself is loaded (shape buckets check it at start-up)."""
+    if str(path) == "pixel":
+        return (1, 1, 1)
+    import json
+
+    folder, sub = _vae_folder(path)
+    config = json.loads(((folder / sub) if sub else folder).joinpath("config.json").read_text())
+    factor = 2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1)  # as VideoAutoencoderKL computes it
+    return (1, factor, factor)
