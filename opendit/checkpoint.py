@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from opendit.ema import EMA
 from opendit.parallel import DynamicLossScaler
@@ -247,6 +247,16 @@ def resolve_load_path(load: str, outputs: str | os.PathLike) -> Path:
 # Save
 # ------------------------------------------------------------------------------------------------------------
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, trained_only: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts in this run's (sharded) layout; ``trained_only``: the parameters that
+    require grad alone (no frozen weight, no buffer)."""
+    if not trained_only:
+        return get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trained = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trained}, optim_sd
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -305,12 +315,18 @@ def save_train_state(
     scaler: DynamicLossScaler,
     running_states: dict[str, Any],
     device: torch.device,
+    trained_only: bool = False,
+    extra: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
 ) -> Path:
     """Write a checkpoint folder ``epoch{E}-global_step{S}`` (collective: every rank calls it).
 
     ``running_states`` must hold ``epoch`` and ``global_step``, and may hold ``health``: ``{"healthy": bool,
     "reason": str, ...}`` (``--load latest`` skips unhealthy checkpoints). It is written as
     ``running_states.json`` with the loss scaler's state and the world size added.
+
+    ``trained_only`` (LoRA): ``model/`` and ``optimizer/`` hold only the parameters that require grad (the frozen
+    base comes from ``--model_pretrained_path`` again). ``extra(folder, ema_state)`` runs on rank 0 before the
+    folder is complete (e.g. writes ``lora/``), so it is part of the atomic save.
     """
     if not _valid_health(running_states.get("health")):
         raise ValueError(f"running_states['health'] must be {{'healthy': bool, 'reason': str, ...}}, got "
@@ -324,12 +340,14 @@ def save_train_state(
         tmp.mkdir(parents=True)
     _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer, trained_only)
     for name, sd in (("model", model_sd), ("optimizer", optim_sd)):  # DCP fsyncs its files (sync_files)
         dcp.save(sd, storage_writer=FileSystemWriter(tmp / name, sync_files=True))
     ema_sd = ema.full_state_dict()  # collective all-gathers; rank 0 writes
     if rank == 0:
         _save_synced(ema_sd, tmp / "ema.pt")
+        if extra is not None:
+            extra(tmp, ema_sd)
     del ema_sd
     _save_synced(_rng_states(device), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -362,6 +380,7 @@ def load_train_state(
     ema: EMA,
     scaler: DynamicLossScaler,
     device: torch.device,
+    trained_only: bool = False,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, EMA, loss scale and (same process count only) RNG states from a checkpoint
     folder; returns its running states. Collective: every rank calls it. A corrupt or unsafe file is a
@@ -372,10 +391,11 @@ def load_train_state(
     states = read_running_states(path)
 
     # get_state_dict gives the (sharded) layout of *this* run; DCP reads each rank's part into it.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer, trained_only)
     load_dcp(model_sd, path / "model")
     load_dcp(optim_sd, path / "optimizer")
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(ignore_frozen_params=trained_only, strict=not trained_only))
 
     ema_path = path / "ema.pt"
     ema.load_full_state_dict(load_torch_file(ema_path, mmap=True), str(ema_path))

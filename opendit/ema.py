@@ -21,16 +21,19 @@ class EMA:
     Args:
         model: the model being trained, after FSDP (DTensor parameters) or DDP (a wrapper) was applied.
         decay: weight of the old average per update (``--ema_decay``, 0.9999 as the original).
+        trained_only: average only the parameters that require grad, and keep no buffers (LoRA: the EMA and
+            ``ema.pt`` are the adapters' alone, not a second copy of the frozen base model).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, trained_only: bool = False) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1], got {decay}")
         self.decay = decay
         module = unwrap(model)
         with torch.no_grad():
-            self.params = {name: p.detach().float().clone() for name, p in module.named_parameters()}
-            self.buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+            self.params = {name: p.detach().float().clone() for name, p in module.named_parameters()
+                           if p.requires_grad or not trained_only}
+            self.buffers = {} if trained_only else {name: b.detach().clone() for name, b in module.named_buffers()}
         # Frozen parameters (--freeze) never change, so their average is their value: skip them in updates.
         self._trained = [name for name, p in module.named_parameters() if p.requires_grad]
 

@@ -11,6 +11,11 @@ A model trained only on the high-noise steps (`opendit train --timestep_range 60
 folder as its high-noise expert (`opendit.diffusion.experts`), written to FOLDER/high_noise:
 
     opendit export --checkpoint outputs/001-expert/epoch20-global_step4000 --high_noise_of my_model/ --from_timestep 600
+
+A LoRA (a peft folder: a LoRA run's `<checkpoint>/lora`) merged into its base model folder -- a plain model
+folder, the same outputs as sampling with `--lora`, no peft needed to load it:
+
+    opendit export --merge_lora outputs/005-demo_model/epoch2-global_step300/lora --base my_model/ --out merged/
 """
 
 from __future__ import annotations
@@ -133,10 +138,51 @@ def add_high_noise_expert(checkpoint: str | Path, parent: str | Path, from_times
     return out
 
 
+def find_lora_base(lora: Path) -> Path:
+    """The model folder a LoRA was trained on, from its ``adapter_config.json`` (``base_model_name_or_path``:
+    the run's --model_pretrained_path, a model folder or the model.safetensors inside one)."""
+    from opendit.models.lora import read_lora_folder
+
+    recorded = read_lora_folder(lora, "--merge_lora")[0].base_model_name_or_path
+    for candidate in ([Path(recorded), Path(recorded).parent] if recorded else []):
+        if (candidate / "config.json").is_file() and (candidate / "pipeline.json").is_file():
+            return candidate
+    raise ValueError(f"{lora} (--merge_lora) records base model {recorded!r}, not a model folder here: give --base")
+
+
+def export_merged_lora(loras: list[str], base: str | None, out: str | Path,
+                       scales: list[float] | None = None) -> Path:
+    """``base`` (a model folder) with each LoRA folder merged into its weights (peft's merge), written to ``out``
+    with the base's pipeline.json."""
+    from opendit.model_folder import read_pipeline_json
+    from opendit.models.lora import load_lora, merge_lora
+
+    scales = scales if scales is not None else [1.0] * len(loras)
+    if len(scales) != len(loras):
+        raise ValueError(f"--lora_scale: {len(scales)} scale(s) for {len(loras)} --merge_lora folder(s)")
+    folder = Path(base) if base else find_lora_base(Path(loras[0]))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} (--base) is not a model folder: no config.json")
+    model = STDiT.from_pretrained(str(folder)).float()  # the main model (a high-noise expert is copied as is)
+    for lora, scale in zip(loras, scales):
+        load_lora(model, lora, scale, flag="--merge_lora")
+    pipeline = {**read_pipeline_json(folder), "source": f"{folder.name} + LoRA {', '.join(map(str, loras))}"}
+    out = Path(out)
+    write_model_folder(out, merge_lora(model), pipeline)
+    expert = pipeline.get("high_noise_model")
+    if isinstance(expert, dict) and (folder / str(expert.get("folder"))).is_dir():
+        shutil.copytree(folder / expert["folder"], out / expert["folder"], dirs_exist_ok=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="opendit export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run's epochE-global_stepS folder (holds ema.pt)")
+    p.add_argument("--checkpoint", default=None, help="a run's epochE-global_stepS folder (holds ema.pt)")
+    p.add_argument("--merge_lora", nargs="+", default=None,
+                   help="instead of --checkpoint: LoRA folder(s) to merge into --base, written to --out")
+    p.add_argument("--base", default=None, help="with --merge_lora: the model folder (default: the LoRA's record)")
+    p.add_argument("--lora_scale", nargs="+", type=float, default=None, help="with --merge_lora: each one's scale")
     p.add_argument("--out", default=None, help="model folder to write (required unless --high_noise_of)")
     p.add_argument("--high_noise_of", default=None,
                    help="an exported model folder: add this checkpoint to it as its high-noise expert")
@@ -152,7 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.out is None) == (args.high_noise_of is None):
         p.error("give exactly one of --out and --high_noise_of")
+    if (args.checkpoint is None) == (args.merge_lora is None):
+        p.error("give exactly one of --checkpoint and --merge_lora")
     try:
+        if args.merge_lora:
+            if args.high_noise_of:
+                p.error("--merge_lora writes --out, not --high_noise_of")
+            out = export_merged_lora(args.merge_lora, args.base, args.out, args.lora_scale)
+            print(f"merged {', '.join(args.merge_lora)} -> {out}")
+            return 0
         if args.high_noise_of:
             out = add_high_noise_expert(args.checkpoint, args.high_noise_of, args.from_timestep, args.weights)
         else:

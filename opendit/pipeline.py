@@ -141,6 +141,25 @@ class STDiTPipeline:
         return self.text_encoder.encode(prompts)
 
     def call_settings(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+    # ------------------------------------------------------------------ LoRA (opendit/models/lora.py, peft)
+    def load_lora(self, path: str | Path, scale: float = 1.0, expert: str | None = None) -> str:
+        """Add a LoRA (a peft folder, e.g. a LoRA run's ``<checkpoint>/lora``) to the model, unmerged, its output
+        times ``scale``; several add up. With a high-noise expert: ``expert`` "low"/"high", by default "high"
+        when the adapter was trained on a ``high_noise/`` model, else "low". Returns the adapter's name."""
+        from opendit.models.lora import load_lora, read_lora_folder
+
+        target = self.model
+        if hasattr(self.model, "experts"):
+            if expert is None:
+                base = read_lora_folder(path)[0].base_model_name_or_path or ""
+                expert = "high" if Path(base).parent.name == "high_noise" else "low"
+            if expert not in ("low", "high"):
+                raise ValueError(f"expert must be 'low' or 'high', got {expert!r}")
+            target = getattr(self.model, expert)
+        name = load_lora(target, path, scale)
+        target.to(self.device, next(target.parameters()).dtype)  # the new adapter where its layer is
+        return name
+
                       num_inference_steps: int | None = None, guidance_scale: float | None = None) -> SamplingSettings:
         """The pipeline's settings with a call's arguments (None: the pipeline's), checked as flags are."""
         s = self.settings

@@ -91,6 +91,12 @@ class SampleConfig:
     enable_modulate_kernel: bool | None = field(default=None, metadata={"help": "fused LayerNorm+modulate kernel"})
     text_speedup: bool = field(default=False, metadata={"help": "T5 with fused RMSNorm + SDPA attention"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the transformer blocks"})
+    # small GPUs (issue 23; opendit/models/lora.py, opendit/low_memory.py, docs/low_memory.md)
+    lora: list[str] | None = field(default=None, metadata={
+        "help": "LoRA folder(s) (peft: adapter_config.json + safetensors, e.g. a LoRA run's <checkpoint>/lora) "
+                "added to the model; repeatable"})
+    lora_scale: list[float] | None = field(default=None, metadata={
+        "help": "strength of each --lora, in order (default 1.0 each)"})
     sequence_parallel_size: int = field(default=1, metadata={"help": "GPUs sharing one video's sequence (torchrun)"})
     sequence_parallel_type: str = field(default="dsp", metadata={"help": "dsp | ulysses",
                                                                  "choices": ["dsp", "ulysses"]})
@@ -134,6 +140,14 @@ def encode_prompts(settings: SamplingSettings, batches: list[list[str]], speedup
 
 
 def prepare_model(model: torch.nn.Module, cfg: SampleConfig) -> None:
+def lora_scales(cfg: SampleConfig) -> list[tuple[str, float]]:
+    """(--lora folder, --lora_scale) pairs; one scale per folder, or none (1.0 each)."""
+    paths, scales = cfg.lora or [], cfg.lora_scale
+    if scales is not None and len(scales) != len(paths):
+        raise ValueError(f"--lora_scale: {len(scales)} scale(s) for {len(paths)} --lora folder(s); give one each")
+    return list(zip(paths, scales if scales is not None else [1.0] * len(paths)))
+
+
     """torch.compile and sequence parallelism, applied to each STDiT (a model folder may pair two)."""
     for stdit in getattr(model, "experts", [model]):
         if cfg.compile:
@@ -193,6 +207,7 @@ USER_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError)
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(SampleConfig, argv, prog="opendit sample", description="Sample videos from text prompts.")
+    lora_scales(cfg)  # a bad --lora/--lora_scale pairing fails before anything loads
     try:
         sample_main(cfg)
     except USER_ERRORS as e:
@@ -201,5 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+    for path, scale in lora_scales(cfg):  # --lora folders: each checked against the model as it loads
+        pipe.load_lora(path, scale)
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,6 +59,7 @@ from opendit.parallel import (
 from opendit.run_log import RunHealth, RunLog, setup_logging
 from opendit.train_config import TrainConfig, build_stdit
 from opendit.train_inputs import TrainingError, model_inputs, per_sample_noise, synced_bad_samples
+from opendit.train_lora import build_optimizer, lora_writer, setup_lora  # --lora_rank, --optimizer
 from opendit.train_buckets import bucket_mix, build_bucket_loader  # --bucket_config
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "per_sample_noise"]
@@ -187,6 +188,8 @@ class Trainer:
         model = build_stdit(cfg, self.vae, self.text_encoder)
         if cfg.model_pretrained_path:  # logs what loaded; errors on a mismatch
             load_checkpoint(model, cfg.model_pretrained_path, skip=cfg.model_pretrained_skip or ())
+        # ---- LoRA (--lora_rank, opendit.train_lora): adapters train in fp32, the rest frozen in `dtype` -----------
+        self.lora = setup_lora(model, cfg, dtype) if cfg.lora_rank else None
         if self.is_main:
             (self.experiment_dir / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
             n_params = sum(p.numel() for p in model.parameters())
@@ -195,11 +198,10 @@ class Trainer:
                         f"latent size {model.config.input_size}")
         learn_sigma = model.learn_sigma  # a model without variance channels trains on the MSE alone
         self.model = parallelize(model, self.dims, mesh, cfg.plugin, device, dtype, cfg.grad_checkpoint,
-                                 cfg.compile)
+                                 cfg.compile, checkpoint_ratio=cfg.grad_checkpoint_ratio)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # weight decay 0 as the original; the fused CUDA kernel updates all (sharded) parameters in a few launches
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
-        self.ema = EMA(self.model, cfg.ema_decay)
+        self.optimizer = build_optimizer(self.params, cfg, device)  # AdamW (weight decay 0) or --optimizer adamw8bit
+        self.ema = EMA(self.model, cfg.ema_decay, trained_only=self.lora is not None)  # LoRA: adapters only
         self.scaler = DynamicLossScaler(enabled=dtype == torch.float16)
         self.diffusion = IDDPM(timestep_respacing="", loss_weighting=cfg.loss_weighting,
                                loss_weight_max=cfg.loss_weight_max, prediction_type=cfg.prediction_type,
@@ -213,7 +215,8 @@ class Trainer:
         self.healthy_saves: list[Path] = []  # the newest is named by the stop message of a diverged run
         if load_path is None:
             return
-        states = load_train_state(load_path, self.model, self.optimizer, self.ema, self.scaler, self.device)
+        states = load_train_state(load_path, self.model, self.optimizer, self.ema, self.scaler, self.device,
+                                  trained_only=self.lora is not None)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr  # the flag wins over the checkpoint's learning rate
         self.sampler.load_state_dict(states["sampler"])
@@ -356,8 +359,9 @@ class Trainer:
                        sample_start_index=self.sampler.state_dict()["start_index"],
                        batch_size=self.cfg.batch_size, global_batch_size=self.global_batch,
                        sampler=self.sampler.state_dict(), health=health)
+        lora = dict(trained_only=True, extra=lora_writer(self.lora, self.cfg.model_pretrained_path)) if self.lora else {}
         path = save_train_state(self.experiment_dir, self.model, self.optimizer, self.ema, self.scaler, running,
-                                self.device)
+                                self.device, **lora)
         self.last_saved, self.last_path = self.global_step, path
         self.health.saved()
         if health["healthy"]:

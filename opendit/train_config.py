@@ -99,6 +99,21 @@ class TrainConfig:
     auto_batch: bool = field(default=False, metadata={"help": (
         "(new, GPU only, untested) with --bucket_config: lower each bucket's batch size to the largest that fits "
         "in GPU memory, probed before training; ignored on the CPU")})
+    # ---- small GPUs: LoRA, 8-bit optimizer, selective checkpointing (issue 23; opendit.train_lora, docs/low_memory.md)
+    lora_rank: int | None = field(default=None, metadata={"help": (
+        "(new) train a LoRA adapter of this rank (peft) instead of the whole model: base weights frozen in the "
+        "training dtype; checkpoints hold the adapter only, and <checkpoint>/lora/ is a peft folder for "
+        "opendit sample --lora")})
+    lora_alpha: float | None = field(default=None, metadata={"help": "(new) LoRA alpha (default: the rank)"})
+    lora_targets: list[str] | None = field(default=None, metadata={"help": (
+        "(new) block linears to adapt, relative to a block (default: attn.qkv attn.proj attn_temp.qkv "
+        "attn_temp.proj cross_attn.q_linear cross_attn.kv_linear cross_attn.proj mlp.fc1 mlp.fc2)")})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "(new) adamw, or adamw8bit (bitsandbytes' 8-bit AdamW states, CUDA only)",
+        "choices": ["adamw", "adamw8bit"]})
+    grad_checkpoint_ratio: float = field(default=1.0, metadata={"help": (
+        "(new) with --grad_checkpoint: the fraction of the blocks (the first ones) that recompute their "
+        "activations; less memory saved, less recompute")})
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # a list when built from Python
@@ -137,6 +152,9 @@ class TrainConfig:
             from opendit.data.buckets import load_bucket_config
 
             self.bucket_config = load_bucket_config(self.bucket_config)
+        from opendit.train_lora import check_low_memory_flags  # --lora_*, --optimizer, --grad_checkpoint_ratio
+
+        check_low_memory_flags(self)
 
 
 # STDiT keywords that follow from the data, the encoders and flags; a --model_config file may only repeat them.

@@ -99,7 +99,8 @@ def _device(local_rank: int) -> torch.device:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, plugin: str, device: torch.device,  # noqa: ANN001
-                param_dtype: torch.dtype, grad_checkpoint: bool = False, compile: bool = False) -> nn.Module:
+                param_dtype: torch.dtype, grad_checkpoint: bool = False, compile: bool = False,
+                checkpoint_ratio: float = 1.0) -> nn.Module:
     """Apply SP, activation checkpointing, compile and FSDP/DDP to ``model`` (on ``device``), in that order.
 
     Returns the model to train: the same object for ``zero2`` (FSDP2 shards in place), a DDP wrapper for
@@ -112,7 +113,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, plugin: str, device:
         model = apply_sequence_parallel(model, mesh["sp"], dims.sp_type)
     # -----------------------------------------------------------------------------------------------------------
     if grad_checkpoint:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, checkpoint_ratio)
     if compile:
         apply_compile(model)
     dp_mesh = dims.data_parallel_mesh(mesh)

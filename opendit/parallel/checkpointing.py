@@ -22,12 +22,14 @@ def _checkpointed(forward):  # noqa: ANN001, ANN202 -- wraps any module forward
     return wrapped
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+def apply_activation_checkpointing(model: nn.Module, ratio: float = 1.0) -> nn.Module:
     """Recompute each block's activations in the backward instead of storing them (``--grad_checkpoint``).
 
     Saves most activation memory (about 1/depth is kept) for about one extra forward pass of compute.
+    ``ratio`` (``--grad_checkpoint_ratio``): only the first ``round(ratio * depth)`` blocks are checkpointed, the
+    others keep their activations -- memory traded for speed, linearly in the ratio.
     """
-    for block in model.blocks:
+    for block in list(model.blocks)[:round(ratio * len(model.blocks))]:
         block.forward = _checkpointed(block.forward)
     return model
 
