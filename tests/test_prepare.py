@@ -49,10 +49,10 @@ def test_prepare_csv_reports_undecodable_and_uncaptioned(media, tmp_path, capsys
     assert sorted(rows) == sorted(str(folder / n) for n in ("long.mp4", "short.mp4", "tall.mp4", "still.png"))
     long_row = rows[str(folder / "long.mp4")]
     assert long_row == {"path": str(folder / "long.mp4"), "text": "a long wide clip of the sea", "num_frames": 16,
-                        "fps": 8.0, "height": 32, "width": 48}
+                        "fps": 8.0, "height": 32, "width": 48, "aspect_ratio": 0.666667}  # height / width
     assert rows[str(folder / "short.mp4")]["text"] == "a short clip"  # --captions wins over the sidecar
     assert rows[str(folder / "tall.mp4")]["text"] == "a tall clip from the json file"
-    assert rows[str(folder / "still.png")]["num_frames"] == 1
+    assert rows[str(folder / "still.png")]["num_frames"] == 1 and rows[str(folder / "still.png")]["aspect_ratio"]
     assert out.read_text().splitlines()[1].startswith("../videos/")  # portable: relative to the CSV
 
     report = (tmp_path / "out" / "data.csv.report.txt").read_text().splitlines()
@@ -144,3 +144,23 @@ def test_prepare_filter_where_keeps_rows_by_column_value(tmp_path, capsys):
     assert "has no column 'speed' (columns: path, text," in capsys.readouterr().err
     assert main(["filter", "--data", str(tmp_path / "syn" / "data.csv"), "--out", str(out), "--where", "motion"]) == 2
     assert "expected COLUMN=VALUE" in capsys.readouterr().err
+
+
+def test_info_counts_clips_per_bucket(tmp_path, capsys):
+    """--bucket_config: one summary line (fitting and skipped by reason), --verbose lists the skipped clips, and the
+    clips of each bucket; the mixed synthetic data has the columns bucketing reads (aspect_ratio = height / width)."""
+    assert main(["synthetic", "--mixed", "--out", str(tmp_path / "mixed"), "--num", "8", "--size", "32", "32"]) == 0
+    data = tmp_path / "mixed" / "data.csv"
+    assert data.read_text().splitlines()[0] == "path,text,num_frames,fps,height,width,aspect_ratio"
+    buckets = tmp_path / "buckets.yaml"
+    buckets.write_text("bucket_config:\n  '32': {8: [1.0, 2]}\n")  # a train config's key works too
+    capsys.readouterr()
+    assert main(["info", "--data", str(data), "--bucket_config", str(buckets), "--size_multiple", "2",
+                 "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "buckets: 3 of 8 clips fit a bucket; skipped 3 too short, 2 image without a 1-frame bucket" in out
+    assert sum("  skipped 0000" in line for line in out.splitlines()) == 5
+    assert "per bucket     32/8f/16:9 (1), 32/8f/1:1 (1), 32/8f/9:16 (1)" in out
+    buckets.write_text("'300x': {8: [1.0, 2]}\n")
+    assert main(["info", "--data", str(data), "--bucket_config", str(buckets)]) == 2
+    assert "bucket_config['300x']: unknown resolution name" in capsys.readouterr().err

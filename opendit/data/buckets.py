@@ -213,7 +213,7 @@ def load_bucket_config(value: Any) -> dict[str, dict[int, list]]:
                 value = yaml.safe_load(f)  # JSON is YAML
         except yaml.YAMLError as e:
             raise DataError(f"--bucket_config {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-        if isinstance(value, Mapping) and list(value) == ["bucket_config"]:
-            value = value["bucket_config"]  # a file holding the YAML key itself
+        if isinstance(value, Mapping) and "bucket_config" in value:
+            value = value["bucket_config"]  # a train config (--config file) holding the table under its key
     parsed = parse_bucket_config(value, "bucket_config")
     return {res: {t: [keep, batch] for t, (keep, batch) in frames.items()} for res, frames in parsed.items()}

@@ -26,7 +26,7 @@ from opendit.data.csvfile import (DataError, add_csv_arguments, add_encoding_arg
 from opendit.data.synthetic import PATHS, write_synthetic_dataset
 from opendit.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, is_image, probe_video
 
-CSV_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width"]
+CSV_COLUMNS = ["path", "text", "num_frames", "fps", "height", "width", "aspect_ratio"]
 PROBED_COLUMNS = ["num_frames", "fps", "height", "width"]
 EXTRA_COMMAND_MODULES = ("opendit.data.cache_build",)
 
@@ -70,7 +70,14 @@ def _fill_probe(rows: list[dict[str, Any]], needed: list[str], every_row: bool =
         for column in PROBED_COLUMNS:
             if row.get(column) is None:
                 row[column] = info[column]
+        if "aspect_ratio" in row or "aspect_ratio" in needed:
+            row["aspect_ratio"] = aspect_ratio(row)
     return failures
+
+
+def aspect_ratio(row: dict[str, Any]) -> float | None:
+    """height / width (Open-Sora's ``aspect_ratio`` column: below 1 is landscape), for bucketing at a glance."""
+    return round(row["height"] / row["width"], 6) if row.get("height") and row.get("width") else None
 
 
 def _print_failures(failures: dict[int, tuple[str, str]], template: str) -> None:
@@ -199,8 +206,8 @@ def run_csv(args: argparse.Namespace) -> int:
             problems.append(f"{path}: cannot decode: {e}")
             reasons["cannot decode"] += 1
             continue
-        rows.append({"path": relative_path(path, out), "text": caption,
-                     **{c: info[c] for c in PROBED_COLUMNS}})
+        row = {"path": relative_path(path, out), "text": caption, **{c: info[c] for c in PROBED_COLUMNS}}
+        rows.append({**row, "aspect_ratio": aspect_ratio(row)})
 
     report = Path(f"{out}.report.txt")
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +225,8 @@ def register_csv(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("csv", help="build a dataset CSV from a folder of videos/images and captions",
                               description="Walk a folder of videos and images, attach captions (from --captions or "
                                           "a sidecar .txt per file), probe each file and write "
-                                          "path,text,num_frames,fps,height,width. Files that cannot be decoded "
+                                          "path,text,num_frames,fps,height,width,aspect_ratio (height / width; "
+                                          "images: 1 frame). Files that cannot be decoded "
                                           "or have no caption are listed in OUT.report.txt.")
     p.add_argument("--videos", required=True, help="folder of videos and images")
     p.add_argument("--captions", default=None,
@@ -417,10 +425,26 @@ def run_info(args: argparse.Namespace) -> int:
     if resolutions:
         print("  resolutions    " + ", ".join(f"{r} ({n})" for r, n in resolutions.most_common(5))
               + (f", ... ({len(resolutions)} distinct)" if len(resolutions) > 5 else ""))
+    if args.bucket_config:
+        _print_buckets(good, args)
     if args.plot:
         plot_histograms(stats, Path(args.plot))
         print(f"histograms -> {args.plot}")
     return 0
+
+
+def _print_buckets(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """How the clips fall into the buckets of ``--bucket_config`` (epoch 0's draws), and which fit none."""
+    from opendit.data.bucket_sampler import BucketBatchSampler, clips_of, skip_summary
+    from opendit.data.buckets import BucketTable, load_bucket_config, parse_bucket_config
+
+    table = BucketTable(parse_bucket_config(load_bucket_config(args.bucket_config)), multiple=args.size_multiple,
+                        frame_interval=args.frame_interval)
+    clips = clips_of(rows, args.data)
+    _, summary = skip_summary(clips, table, [row["path"] for row in rows], verbose=args.verbose)
+    print("  " + summary)
+    counts = {bucket.name: len(indices) for bucket, indices in BucketBatchSampler(clips, table, seed=args.seed).assignments(0).items()}
+    print("  per bucket     " + ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())))
 
 
 def register_info(subparsers: argparse._SubParsersAction) -> None:
@@ -429,6 +453,16 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
                                           "rows lacking num_frames/fps/height/width are probed.")
     add_csv_arguments(p, "dataset CSV")
     p.add_argument("--plot", default=None, help="also write histograms to this PNG")
+    p.add_argument("--bucket_config", default=None,
+                   help="also count the clips per bucket of this bucket config (docs/training.md) and those "
+                        "fitting none (too small, too short)")
+    p.add_argument("--frame_interval", type=int, default=1, help="with --bucket_config: as opendit train's")
+    p.add_argument("--size_multiple", type=int, default=16,
+                   help="with --bucket_config: bucket sizes are multiples of this (VAE factor x patch: 16 for the "
+                        "SD VAE and patch 2, 2 in pixel space)")
+    p.add_argument("--verbose", action="store_true", help="with --bucket_config: list each clip fitting no bucket")
+    p.add_argument("--seed", type=int, default=42, help="with --bucket_config: opendit train's --global_seed (the "
+                                                        "keep-probability draws of epoch 0 depend on it)")
     p.set_defaults(func=run_info)
 
 
@@ -438,8 +472,15 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
 
 def run_synthetic(args: argparse.Namespace) -> int:
     try:
-        csv_path = write_synthetic_dataset(args.out, num=args.num, seed=args.seed, size=tuple(args.size),
-                                           num_frames=args.num_frames, fps=args.fps, paths=args.paths)
+        if args.mixed:
+            from opendit.data.synthetic_shapes import write_mixed_shape_dataset
+
+            if args.size[0] != args.size[1]:
+                raise ValueError(f"--size with --mixed is the square's side (H = W), got {args.size[0]}x{args.size[1]}")
+            csv_path = write_mixed_shape_dataset(args.out, num=args.num, seed=args.seed, base=args.size[0], fps=args.fps)
+        else:
+            csv_path = write_synthetic_dataset(args.out, num=args.num, seed=args.seed, size=tuple(args.size),
+                                               num_frames=args.num_frames, fps=args.fps, paths=args.paths)
     except ValueError as e:  # argument validation; the messages name the flag
         raise DataError(str(e)) from None
     print(f"wrote {args.num} clips and {csv_path}")
@@ -461,6 +502,10 @@ def register_synthetic(subparsers: argparse._SubParsersAction) -> None:
                         "cross it edge to edge near the middle line, so the direction word says where the shape "
                         "is in every frame, or run from near the centre to the named edge ('outward': opposite "
                         "words then also differ in which half the shape is in; docs/demo_model.md)")
+    p.add_argument("--mixed", action="store_true",
+                   help="square, landscape and portrait clips of 4, 8 and 12 frames plus png images (every 4th item), "
+                        "--size being the square's: data for --bucket_config (configs/train_buckets_tiny.yaml); "
+                        "--num_frames is ignored")
     p.set_defaults(func=run_synthetic)
 
 

@@ -56,5 +56,5 @@ def write_mixed_shape_dataset(out_dir: str | os.PathLike, num: int, seed: int, b
         else:
             relative = write_video(out_dir / f"clips/{i:06d}.mp4", frames, fps, crf=10).relative_to(out_dir).as_posix()
         rows.append({"path": relative, "text": text, "num_frames": num_frames, "fps": None if image else fps,
-                     "height": size[0], "width": size[1], "aspect_ratio": size[1] / size[0]})
+                     "height": size[0], "width": size[1], "aspect_ratio": round(size[0] / size[1], 6)})
     return write_csv(out_dir / "data.csv", rows, COLUMNS)
