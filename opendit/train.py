@@ -60,7 +60,7 @@ from opendit.run_log import RunHealth, RunLog, setup_logging
 from opendit.train_config import TrainConfig, build_stdit
 from opendit.train_inputs import TrainingError, model_inputs, per_sample_noise, synced_bad_samples
 from opendit.train_lora import build_optimizer, lora_writer, setup_lora  # --lora_rank, --optimizer
-from opendit.train_buckets import bucket_mix, build_bucket_loader  # --bucket_config
+from opendit.train_buckets import apply_auto_batch, bucket_mix, build_bucket_loader  # --bucket_config
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "per_sample_noise"]
 
@@ -230,6 +230,8 @@ class Trainer:
         """Train until --epochs, --max_steps or --max_minutes; returns the experiment folder."""
         cfg = self.cfg
         self.model.train()  # enables caption dropout, which classifier-free guidance needs
+        if self.bucketed and cfg.auto_batch:
+            apply_auto_batch(self)  # GPU memory probe per bucket (a no-op with a log line on the CPU)
         self.tracker, self.health = BadSampleTracker(cfg.max_bad_fraction), RunHealth()
         max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
         deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf

@@ -8,18 +8,24 @@ without sizes, and a config no clip fits.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from opendit.data.bucket_sampler import BucketBatchSampler, clips_of, skip_summary
-from opendit.data.buckets import BucketTable, parse_bucket_config
+from opendit.data.buckets import Bucket, BucketTable, parse_bucket_config
 from opendit.data.csvfile import DataError
 from opendit.data.dataset import VideoTextDataset, collate
 from opendit.encoders.vae import vae_patch_size
 from opendit.models import MODEL_PRESETS, STDiTConfig
+from opendit.parallel import autocast
 from opendit.train_config import TrainConfig, read_model_config
+
+logger = logging.getLogger("opendit")
 
 
 def model_patch_size(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -65,3 +71,70 @@ def bucket_mix(shapes: Counter) -> dict[str, float]:
     """``{"bucket/TxHxW": share of the window's batches}`` for the metrics and TensorBoard."""
     total = sum(shapes.values())
     return {f"bucket/{'x'.join(map(str, shape))}": n / total for shape, n in sorted(shapes.items())}
+
+
+def with_batch_sizes(table: BucketTable, sizes: dict[tuple[str, int], int]) -> None:
+    """Set the batch size of every bucket of each (resolution, frames) in ``sizes``."""
+    for key, bucket in list(table.buckets.items()):
+        if (bucket.resolution, bucket.num_frames) in sizes:
+            table.buckets[key] = replace(bucket, batch_size=sizes[(bucket.resolution, bucket.num_frames)])
+
+
+def probe_batch_sizes(trainer) -> dict[tuple[str, int], int]:  # noqa: ANN001 -- an opendit.train.Trainer
+    """``--auto_batch`` (CUDA only; untested here, no GPU in CI): for each (resolution, frames), the largest batch
+    size up to the configured one (halving from it) whose forward and backward fit in GPU memory, probed on the
+    bucket of most pixels with random latents and text states; the minimum over all ranks, so every rank keeps the
+    same plan."""
+    cfg, device, table = trainer.cfg, trainer.device, trainer.sampler.table
+    vae, text = trainer.vae, trainer.text_encoder
+    largest: dict[tuple[str, int], Bucket] = {}
+    for b in table.buckets.values():
+        key = (b.resolution, b.num_frames)
+        if key not in largest or b.height * b.width > largest[key].height * largest[key].width:
+            largest[key] = b
+    sizes = {}
+    for key, bucket in sorted(largest.items()):
+        batch = bucket.batch_size
+        while batch > 1 and not _fits(trainer, vae, text, cfg, bucket, batch, device):
+            batch //= 2
+        sizes[key] = batch
+    keys = sorted(sizes)
+    found = torch.tensor([sizes[k] for k in keys], device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return dict(zip(keys, found.tolist()))
+
+
+def _fits(trainer, vae, text, cfg: TrainConfig, bucket: Bucket, batch: int,  # noqa: ANN001
+          device: torch.device) -> bool:
+    latent = vae.get_latent_size(bucket.shape)
+    x = torch.randn(batch, vae.out_channels, *latent, device=device)
+    y = torch.randn(batch, 1, cfg.text_max_length, text.output_dim, device=device)
+    mask = torch.ones(batch, cfg.text_max_length, dtype=torch.long, device=device)
+    t = torch.randint(0, trainer.diffusion.num_timesteps, (batch,), device=device)
+    try:
+        with autocast(trainer.model, device, trainer.dtype):
+            loss = trainer.diffusion.training_losses(trainer.model, x, t, dict(y=y, mask=mask))["loss"].mean()
+        loss.backward()
+        ok = True
+    except torch.cuda.OutOfMemoryError:
+        ok = False
+    trainer.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    # every rank must agree, or the next collective of a rank that fitted would wait for one that did not
+    flag = torch.tensor([float(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def apply_auto_batch(trainer) -> None:  # noqa: ANN001 -- an opendit.train.Trainer
+    """Probe (on CUDA) and set each bucket's batch size; logs a bucket_config that reproduces them (a resumed run
+    must train with the same sizes to continue the same order: put that table in its config)."""
+    if trainer.device.type != "cuda":
+        logger.info("--auto_batch: ignored on the CPU (it probes GPU memory); the config's batch sizes are used")
+        return
+    sizes = probe_batch_sizes(trainer)
+    with_batch_sizes(trainer.sampler.table, sizes)
+    trainer.sampler.reset_plan()
+    config = {res: {t: [keep, sizes.get((res, t), batch)] for t, (keep, batch) in trainer.sampler.table.frames[res]}
+              for res in trainer.sampler.table.resolutions}
+    logger.info(f"--auto_batch: batch sizes per (resolution, frames) {sizes}; to reproduce, bucket_config: {config}")

@@ -43,7 +43,9 @@ def argv(assets: dict, outputs: Path, **overrides) -> list[str]:
     flags.update(overrides)
     out = []
     for key, value in flags.items():
-        if value is not None:
+        if value is True:  # a bare switch
+            out.append(f"--{key}")
+        elif value is not None:
             out += [f"--{key}", *([str(v) for v in value] if isinstance(value, tuple) else [str(value)])]
     return out
 
@@ -222,3 +224,25 @@ def test_bad_bucket_config_is_one_line_and_writes_nothing(assets, tmp_path, caps
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
+
+
+def test_auto_batch_is_ignored_on_the_cpu_and_sets_sizes(assets, tmp_path):
+    from opendit.train_buckets import with_batch_sizes
+
+    assert train_mod.main(argv(assets, tmp_path / "out", max_steps=1, auto_batch=True)) == 0
+    (exp,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    assert "--auto_batch: ignored on the CPU" in (exp / "log.txt").read_text()
+    table = BucketTable(parse_bucket_config(BUCKETS), multiple=2)
+    with_batch_sizes(table, {("32", 4): 1})
+    assert {b.batch_size for b in table.buckets.values() if b.num_frames == 4} == {1}
+    assert {b.batch_size for b in table.buckets.values() if b.num_frames == 8} == {2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_batch_probes_gpu_memory(assets, tmp_path):
+    """On a GPU: the probe runs for every (resolution, frames) and logs the sizes it keeps (here all fit)."""
+    assert train_mod.main(argv(assets, tmp_path / "out", max_steps=2, auto_batch=True)) == 0
+    (exp,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    log = (exp / "log.txt").read_text()
+    assert "--auto_batch: batch sizes per (resolution, frames) {('32', 1): 3, ('32', 4): 2, ('32', 8): 2}" in log

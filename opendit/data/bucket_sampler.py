@@ -113,6 +113,10 @@ class BucketBatchSampler(Sampler[list[Item]]):
         self._plan = (self.epoch, batches)
         return batches
 
+    def reset_plan(self) -> None:
+        """Forget the cached plan (after the table's batch sizes changed: ``--auto_batch``)."""
+        self._plan = None
+
     def clips_per_bucket(self) -> dict[str, int]:
         """Clips each bucket holds this epoch (the end-of-epoch log line)."""
         counts: Counter[str] = Counter()
