@@ -15,6 +15,7 @@ COMMANDS = {
     "prepare": ("opendit.data.prepare", "prepare data: csv | filter | info | synthetic | cache"),
     "launch": ("opendit.launch", "start a multi-node run from a hostfile over ssh"),
     "export": ("opendit.export", "turn a training checkpoint into a model folder for sampling"),
+    "calibrate": ("opendit.calibrate", "fit a model folder's TeaCache coefficients (into its pipeline.json)"),
 }
 
 
