@@ -87,7 +87,8 @@ class STDiTPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # (with --offload the weights wait on the CPU: the device they run on is the one recorded)
+        return getattr(self, "execution_device", None) or next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -133,14 +134,6 @@ class STDiTPipeline:
                            vae.out_channels, caption_channels, settings.text_max_length)
         return cls(model.to(device, dtype), text_encoder, vae, settings=settings)
 
-    # ------------------------------------------------------------------ sampling
-    def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """``{"y": (B, 1, L, D), "mask": (B, L)}`` of the text encoder."""
-        if self.text_encoder is None:
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
-        return self.text_encoder.encode(prompts)
-
-    def call_settings(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
     # ------------------------------------------------------------------ LoRA (opendit/models/lora.py, peft)
     def load_lora(self, path: str | Path, scale: float = 1.0, expert: str | None = None) -> str:
         """Add a LoRA (a peft folder, e.g. a LoRA run's ``<checkpoint>/lora``) to the model, unmerged, its output
@@ -157,9 +150,24 @@ class STDiTPipeline:
                 raise ValueError(f"expert must be 'low' or 'high', got {expert!r}")
             target = getattr(self.model, expert)
         name = load_lora(target, path, scale)
-        target.to(self.device, next(target.parameters()).dtype)  # the new adapter where its layer is
+        target.to(next(target.parameters()).device, next(target.parameters()).dtype)  # the adapter with its layer
         return name
 
+    def enable_offload(self, mode: str = "model") -> None:
+        """Keep modules on the CPU between uses: "text" (the text encoder), "model" (each module in turn), or
+        "none" (opendit/low_memory.py)."""
+        from opendit.low_memory import enable_offload
+
+        enable_offload(self, mode)
+
+    # ------------------------------------------------------------------ sampling
+    def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``{"y": (B, 1, L, D), "mask": (B, L)}`` of the text encoder."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass prompt_embeds")
+        return self.text_encoder.encode(prompts)
+
+    def call_settings(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
                       num_inference_steps: int | None = None, guidance_scale: float | None = None) -> SamplingSettings:
         """The pipeline's settings with a call's arguments (None: the pipeline's), checked as flags are."""
         s = self.settings
@@ -193,7 +201,7 @@ class STDiTPipeline:
         if tuple(y.shape[-2:]) != tuple(null.shape):
             raise ValueError(f"text states of {y.shape[-2]} tokens x {y.shape[-1]} channels; the model takes "
                              f"{null.shape[0]} x {null.shape[1]} (text_max_length, text encoder width)")
-        y_null = null[None, None].expand(y.shape[0], 1, -1, -1).to(y.dtype)  # (n, 1, L, D)
+        y_null = null[None, None].expand(y.shape[0], 1, -1, -1).to(y.device, y.dtype)  # (n, 1, L, D)
         return {"y": torch.cat([y, y_null]), "mask": mask}  # mask repeated for the null half, as trained
 
     @torch.no_grad()

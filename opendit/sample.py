@@ -37,6 +37,7 @@ from opendit.pipeline import (
     parse_dtype,
     read_pipeline_json,
 )
+from opendit.low_memory import set_vae_tiling
 from opendit.sampling_settings import FLAG_NAMES, resolve_settings
 
 # The pipeline's names stay importable from here, where users and scripts have imported them.
@@ -97,6 +98,13 @@ class SampleConfig:
                 "added to the model; repeatable"})
     lora_scale: list[float] | None = field(default=None, metadata={
         "help": "strength of each --lora, in order (default 1.0 each)"})
+    offload: str = field(default="none", metadata={
+        "help": "keep modules on the CPU between uses: text (the text encoder is always freed before the model "
+                "loads here), model (the STDiT and the VAE too, each moved to the GPU only while it runs)",
+        "choices": ["none", "text", "model"]})
+    vae_tiling: bool | None = field(default=None, metadata={
+        "help": "decode each frame in overlapping 256-pixel tiles (less memory); default: automatically on CUDA "
+                "when the estimated decode memory would not fit"})
     sequence_parallel_size: int = field(default=1, metadata={"help": "GPUs sharing one video's sequence (torchrun)"})
     sequence_parallel_type: str = field(default="dsp", metadata={"help": "dsp | ulysses",
                                                                  "choices": ["dsp", "ulysses"]})
@@ -112,6 +120,14 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     if not prompts:
         raise ValueError("no prompt given: use --prompt TEXT (repeatable) or --prompt_path FILE")
     return prompts
+
+
+def lora_scales(cfg: SampleConfig) -> list[tuple[str, float]]:
+    """(--lora folder, --lora_scale) pairs; one scale per folder, or none (1.0 each)."""
+    paths, scales = cfg.lora or [], cfg.lora_scale
+    if scales is not None and len(scales) != len(paths):
+        raise ValueError(f"--lora_scale: {len(scales)} scale(s) for {len(paths)} --lora folder(s); give one each")
+    return list(zip(paths, scales if scales is not None else [1.0] * len(paths)))
 
 
 def settings_from_config(cfg: SampleConfig, device: torch.device | None = None) -> SamplingSettings:
@@ -140,14 +156,6 @@ def encode_prompts(settings: SamplingSettings, batches: list[list[str]], speedup
 
 
 def prepare_model(model: torch.nn.Module, cfg: SampleConfig) -> None:
-def lora_scales(cfg: SampleConfig) -> list[tuple[str, float]]:
-    """(--lora folder, --lora_scale) pairs; one scale per folder, or none (1.0 each)."""
-    paths, scales = cfg.lora or [], cfg.lora_scale
-    if scales is not None and len(scales) != len(paths):
-        raise ValueError(f"--lora_scale: {len(scales)} scale(s) for {len(paths)} --lora folder(s); give one each")
-    return list(zip(paths, scales if scales is not None else [1.0] * len(paths)))
-
-
     """torch.compile and sequence parallelism, applied to each STDiT (a model folder may pair two)."""
     for stdit in getattr(model, "experts", [model]):
         if cfg.compile:
@@ -169,6 +177,7 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
 
         dist_info = init_distributed()
     prompts = read_prompts(cfg)
+    lora_scales(cfg)  # a bad --lora/--lora_scale pairing fails before anything loads
     settings = settings_from_config(cfg, dist_info.device if dist_info is not None else None)
     t0 = time.time()
 
@@ -177,6 +186,10 @@ def sample_main(cfg: SampleConfig) -> list[Path]:
     kernels = dict(enable_flashattn=cfg.enable_flashattn, enable_layernorm_kernel=cfg.enable_layernorm_kernel,
                    enable_modulate_kernel=cfg.enable_modulate_kernel)
     pipe = STDiTPipeline.from_settings(settings, caption_channels=width, model_options=kernels, names=FLAG_NAMES)
+    for path, scale in lora_scales(cfg):  # --lora folders: each checked against the model as it loads
+        pipe.load_lora(path, scale)
+    set_vae_tiling(pipe.vae, cfg.vae_tiling)  # --vae_tiling (opendit/low_memory.py)
+    pipe.enable_offload(cfg.offload)  # --offload
     prepare_model(pipe.model, cfg)
 
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -207,7 +220,6 @@ USER_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError)
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(SampleConfig, argv, prog="opendit sample", description="Sample videos from text prompts.")
-    lora_scales(cfg)  # a bad --lora/--lora_scale pairing fails before anything loads
     try:
         sample_main(cfg)
     except USER_ERRORS as e:
@@ -216,7 +228,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-    for path, scale in lora_scales(cfg):  # --lora folders: each checked against the model as it loads
-        pipe.load_lora(path, scale)
 if __name__ == "__main__":
     sys.exit(main())

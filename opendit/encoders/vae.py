@@ -65,6 +65,35 @@ class VideoAutoencoderKL(nn.Module):
         self.patch_size: tuple[int, int, int] = (1, factor, factor)
         self.scaling_factor: float = float(config.scaling_factor)
         self.shift_factor: float = float(getattr(config, "shift_factor", None) or 0.0)  # SD3/Flux VAEs; 0 for SD
+        self.tiling: bool | None = None  # decode in spatial tiles: None decides per call (CUDA: by free memory)
+
+    # ---- low-memory decoding (--vae_tiling, docs/low_memory.md) --------------------------------------------------
+    def set_tiling(self, enabled: bool | None, tile_size: int = 256) -> None:
+        """Decode each frame in ``tile_size``-pixel tiles that overlap by a quarter and are blended linearly
+        (diffusers' AutoencoderKL tiling); None: only when `decode_bytes` would not fit in free GPU memory."""
+        self.tiling = enabled
+        f = self.patch_size[1]
+        self.module.tile_sample_min_size = tile_size  # diffusers' own defaults are the VAE's sample_size (512)
+        self.module.tile_latent_min_size = tile_size // f
+        self.module.use_tiling = bool(enabled)
+
+    def decode_bytes(self, frames: int, height: int, width: int) -> int:
+        """Estimated peak activation memory of decoding ``frames`` frames of height x width pixels at once: the
+        two full-resolution up blocks hold about three maps of their widths each (a heuristic, checked on the
+        SD VAE only by its order of magnitude)."""
+        widths = self.module.config.block_out_channels
+        return frames * height * width * self.dtype.itemsize * 3 * (widths[0] + widths[min(1, len(widths) - 1)])
+
+    def _decide_tiling(self, frames: int, height: int, width: int) -> None:
+        """Automatic choice (``tiling`` None) on CUDA: fewer frames per call, then tiles, until it fits."""
+        if self.tiling is not None or self.device.type != "cuda":
+            return
+        free = torch.cuda.mem_get_info(self.device)[0] * 0.8
+        per_call = min(frames, self.micro_batch_size or frames)
+        while per_call > 1 and self.decode_bytes(per_call, height, width) > free:
+            per_call //= 2
+        self.micro_batch_size = per_call
+        self.module.use_tiling = self.decode_bytes(per_call, height, width) > free
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +148,8 @@ class VideoAutoencoderKL(nn.Module):
         """Scaled latents (B, C, T, h, w) -> video (B, 3, T, h*f, w*f), float32 (roughly in [-1, 1])."""
         _check_video(z, self.out_channels, "z")
         latents = rearrange(z, "B C T H W -> (B T) C H W") / self.scaling_factor + self.shift_factor
+        f = self.patch_size[1]
+        self._decide_tiling(latents.shape[0], latents.shape[-2] * f, latents.shape[-1] * f)  # (BT, C, h, w)
         frames = [self.module.decode(c.to(self.device, self.dtype)).sample.float() for c in self._chunks(latents)]
         return rearrange(torch.cat(frames), "(B T) C H W -> B C T H W", B=z.shape[0])
 
