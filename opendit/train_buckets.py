@@ -34,10 +34,12 @@ def model_patch_size(cfg: TrainConfig) -> tuple[int, int, int]:
     return tuple(int(p) for p in keywords.get("patch_size", STDiTConfig.patch_size))
 
 
-def bucket_table(cfg: TrainConfig, sp_size: int = 1, sp_kind: str = "dsp") -> BucketTable:
+def bucket_table(cfg: TrainConfig, sp_size: int = 1, sp_kind: str = "dsp",
+                 vae: tuple[int, int, int] | None = None) -> BucketTable:
     """The run's buckets: sizes multiples of VAE x patch, frame counts the temporal patch takes, each bucket
-    splittable by sequence parallelism."""
-    vae, patch = vae_patch_size(cfg.vae_pretrained_path), model_patch_size(cfg)
+    splittable by sequence parallelism. ``vae``: its (T, H, W) factors when known (a cache), else read from
+    ``--vae_pretrained_path``'s config."""
+    vae, patch = vae or vae_patch_size(cfg.vae_pretrained_path), model_patch_size(cfg)
     table = BucketTable(parse_bucket_config(cfg.bucket_config), multiple=vae[1] * patch[1],
                         frame_multiple=vae[0] * patch[0], frame_interval=cfg.frame_interval)
     table.check_sequence_parallel(sp_size, sp_kind, vae[1], patch)
@@ -47,11 +49,13 @@ def bucket_table(cfg: TrainConfig, sp_size: int = 1, sp_kind: str = "dsp") -> Bu
 def build_bucket_loader(cfg: TrainConfig, dataset: VideoTextDataset, num_replicas: int, rank: int,
                         device: torch.device) -> tuple[BucketBatchSampler, DataLoader]:
     """Sampler and DataLoader of a bucketed run; raises :class:`DataError` (one line) when no step can be made."""
-    if not isinstance(dataset, VideoTextDataset):
-        raise DataError(f"--bucket_config with a latent cache ({cfg.data_path}) is not supported yet: train on the "
-                        f"CSV, or build the cache without buckets")
-    table = bucket_table(cfg, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
-    clips = clips_of(dataset.rows, cfg.data_path)
+    vae = None if isinstance(dataset, VideoTextDataset) else tuple(dataset.encoder_sizes.patch_size)
+    table = bucket_table(cfg, cfg.sequence_parallel_size, cfg.sequence_parallel_type, vae)
+    if isinstance(dataset, VideoTextDataset):
+        clips = clips_of(dataset.rows, cfg.data_path)
+    else:  # a bucket cache (opendit.data.cache_buckets): its clips must land in the buckets they are stored at
+        clips = dataset.clips
+        check_cached_shapes(dataset, table)
     fitting, summary = skip_summary(clips, table, [row["path"] for row in dataset.rows])
     if fitting == 0:
         raise DataError(f"bucket_config: no clip of {cfg.data_path} fits any bucket ({summary.split('; ', 1)[-1]}); "
@@ -61,10 +65,22 @@ def build_bucket_loader(cfg: TrainConfig, dataset: VideoTextDataset, num_replica
     if len(sampler.plan()) < cfg.grad_accum:
         raise DataError(f"{cfg.data_path}: {len(sampler.plan())} bucket batches in an epoch, fewer than one step's "
                         f"{cfg.grad_accum} (--grad_accum)")
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=collate if isinstance(dataset, VideoTextDataset) else dataset.collate,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.global_seed))  # keeps the global RNG (resume)
     return sampler, loader
+
+
+def check_cached_shapes(dataset, table: BucketTable) -> None:  # noqa: ANN001 -- a BucketCacheDataset
+    """Each cached clip must be assigned the shape it is stored at (same table, same size multiple)."""
+    for part, (start, shape) in enumerate(zip(dataset.starts, dataset.shapes)):
+        c = dataset.clips[start]
+        bucket = table.assign(c.num_frames, c.height, c.width, c.is_image, 0, 0, start)
+        if bucket is None or bucket.shape != shape:
+            got = "no bucket" if bucket is None else f"{bucket.shape}"
+            raise DataError(f"{dataset.cache_dir}: clips cached at {shape} go to {got} with this run's table "
+                            f"(another VAE, patch or size multiple?): remake the cache with this run's settings")
 
 
 def bucket_mix(shapes: Counter) -> dict[str, float]:

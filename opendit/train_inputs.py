@@ -38,6 +38,8 @@ def model_inputs(batch: dict, dataset, vae, text_encoder, cfg: TrainConfig, epoc
     (B, L), the samples' dataset indices (they key the noise) and the weight of the batch in the loss."""
     if isinstance(dataset, CachedLatentDataset):  # a latent drawn from the stored posterior (no bad samples left)
         x, y, mask = dataset.sample_latents(batch, epoch, device)
+        if len(batch["index"]) == 0:  # bucket cache: a rank without a clip in this batch trains a blank, weight 0
+            return x, y, mask, [0], 0.0
         return x, y, mask, batch["index"].tolist(), 1.0
     if len(batch["index"]) == 0:
         # Every rank must run forward and backward (FSDP/DDP collectives), so a rank whose samples were all bad

@@ -246,3 +246,44 @@ def test_auto_batch_probes_gpu_memory(assets, tmp_path):
     (exp,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     log = (exp / "log.txt").read_text()
     assert "--auto_batch: batch sizes per (resolution, frames) {('32', 1): 3, ('32', 4): 2, ('32', 8): 2}" in log
+
+
+def test_bucket_cache_trains_with_the_same_sampler(assets, tmp_path, monkeypatch):
+    """`prepare cache --bucket_config` stores each clip at its bucket's shape (one cache per bucket); training from
+    it uses the bucket sampler (several shapes, no encoder loaded) and resumes exactly."""
+    from opendit import encoders as encoders_module
+    from opendit.data.prepare import main as prepare_main
+
+    flags = ["cache", "--data", str(assets["csv"]), "--out", str(tmp_path / "cache"), "--vae_pretrained_path",
+             "pixel", "--text_pretrained_path", str(assets["t5"]), "--frame_interval", "1", "--text_max_length",
+             "8", "--dtype", "fp32", "--num_workers", "0"]
+    keep_half = tmp_path / "half.yaml"
+    keep_half.write_text(json.dumps({"32": {4: [0.5, 2]}}))
+    assert prepare_main(flags + ["--bucket_config", str(keep_half)]) == 2  # one line, nothing cached
+    calls, real_load = [], encoders_module.load_text_encoder
+    monkeypatch.setattr(encoders_module, "load_text_encoder", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    assert prepare_main(flags + ["--bucket_config", str(assets["root"] / "buckets.yaml")]) == 0
+    assert len(calls) == 1  # the encoders are loaded once for the 9 buckets
+    meta = json.loads((tmp_path / "cache" / "buckets.json").read_text())
+    assert sum(len(b["clips"]) for b in meta["buckets"]) == 18 and len(meta["buckets"]) == 9
+    from safetensors.torch import load_file
+    for b in meta["buckets"]:
+        (shard,) = (tmp_path / "cache" / b["folder"]).glob("shard-*.safetensors")
+        assert list(load_file(shard)["latent_mean"].shape[2:]) == b["shape"]  # stored at the bucket's shape
+
+    def not_loaded(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("training from a cache loaded an encoder")
+
+    monkeypatch.setattr(encoders_module, "load_vae", not_loaded)
+    monkeypatch.setattr(encoders_module, "load_text_encoder", not_loaded)
+    cached = dict(data_path=tmp_path / "cache", vae_pretrained_path="unused", text_pretrained_path="unused")
+    assert train_mod.main(argv(assets, tmp_path / "full", max_steps=4, **cached)) == 0
+    (full,) = [p for p in (tmp_path / "full").iterdir() if p.is_dir()]
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len({k for r in records for k in r if k.startswith("bucket/")}) >= 2
+    assert train_mod.main(argv(assets, tmp_path / "part", max_steps=2, ckpt_every=2, **cached)) == 0
+    (part,) = [p for p in (tmp_path / "part").iterdir() if p.is_dir()]
+    assert train_mod.main(argv(assets, tmp_path / "part", max_steps=4, load=part / "epoch0-global_step2",
+                               **cached)) == 0
+    resumed = losses(sorted(p for p in (tmp_path / "part").iterdir() if p.is_dir())[1])
+    assert resumed == pytest.approx({k: v for k, v in losses(full).items() if k > 2}, rel=1e-6, abs=1e-7)

@@ -293,6 +293,13 @@ def open_for_training(cache_dir: str | os.PathLike, cfg: Any) -> CachedLatentDat
     ``cfg`` is the training config: its ``num_frames``, ``image_size``, ``frame_interval`` and
     ``text_max_length`` must be the cache's; ``global_seed`` seeds the views and the latent sampling noise.
     """
+    if (Path(cache_dir) / "buckets.json").is_file():  # one cache per shape bucket: opendit.data.cache_buckets
+        from opendit.data.cache_buckets import open_bucket_cache
+
+        return open_bucket_cache(cache_dir, cfg)
+    if getattr(cfg, "bucket_config", None) is not None:
+        raise DataError(f"{cache_dir}: a cache of one shape; for --bucket_config make the cache with "
+                        f"`opendit prepare cache --bucket_config ...`")
     info = cache_info(cache_dir)
     check_train_settings(info, cache_dir, cfg.num_frames, tuple(cfg.image_size), cfg.frame_interval,
                          cfg.text_max_length)

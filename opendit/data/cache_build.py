@@ -200,9 +200,18 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _load_encoders(settings: dict[str, Any], device: torch.device, text_speedup: bool) -> _Encoders:
-    """Load the VAE and text encoder and add what they determine to ``settings`` (in place)."""
+def _load_encoders(settings: dict[str, Any], device: torch.device, text_speedup: bool,
+                   memo: dict | None = None) -> _Encoders:
+    """Load the VAE and text encoder and add what they determine to ``settings`` (in place). ``memo``: encoders
+    loaded by an earlier call with the same paths (one cache per bucket shape loads them once)."""
     from opendit.encoders import load_text_encoder, load_vae
+
+    if memo is not None:
+        key = (settings["vae"]["path"], settings["text"]["path"], settings["text"]["max_length"], str(device),
+               settings["dtype"], text_speedup)
+        if key not in memo:
+            memo[key] = (_memo_loader(load_vae), _memo_loader(load_text_encoder))
+        load_vae, load_text_encoder = memo[key]
 
     # Half precision where it is fast (GPUs) and what training would use there; fp32 on CPU, where bf16/fp16
     # kernels are slow and the result is stored in --dtype anyway.
@@ -226,12 +235,22 @@ def _load_encoders(settings: dict[str, Any], device: torch.device, text_speedup:
     return _Encoders(vae, text_encoder, device, compute)
 
 
+def _memo_loader(load):  # noqa: ANN001, ANN202 -- a loader called once, then its result again
+    loaded = []
+
+    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not loaded:
+            loaded.append(load(*args, **kwargs))
+        return loaded[0]
+    return once
+
+
 def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_path: str,
                 text_pretrained_path: str, num_frames: int, image_size: tuple[int, int], frame_interval: int,
                 text_max_length: int | None = None, shard_size: int = 256, batch_size: int = 8,
                 dtype: str = "bf16", text_speedup: bool = False, data_root: str | os.PathLike | None = None,
                 num_views: int = 1, seed: int = 0, num_workers: int = 2, device: str | None = None,
-                encoding: str = "utf-8") -> Path:
+                encoding: str = "utf-8", encoder_memo: dict | None = None) -> Path:
     """Build (or finish) the cache of the CSV ``data`` (text in ``encoding``) in the folder ``out``; returns
     ``out/index.json``.
 
@@ -245,7 +264,8 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_
     try:
         return _build(rank, world, data, Path(out), vae_pretrained_path, text_pretrained_path, num_frames,
                       (int(image_size[0]), int(image_size[1])), frame_interval, text_max_length, shard_size,
-                      batch_size, dtype, text_speedup, data_root, num_views, seed, num_workers, device, encoding)
+                      batch_size, dtype, text_speedup, data_root, num_views, seed, num_workers, device, encoding,
+                      encoder_memo)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -254,7 +274,8 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, vae_pretrained_
 def _build(rank: int, world: int, data: str | os.PathLike, out: Path, vae_path: str, text_path: str,
            num_frames: int, image_size: tuple[int, int], frame_interval: int, text_max_length: int | None,
            shard_size: int, batch_size: int, dtype: str, text_speedup: bool, data_root: str | os.PathLike | None,
-           num_views: int, seed: int, num_workers: int, device: str | None, encoding: str) -> Path:
+           num_views: int, seed: int, num_workers: int, device: str | None, encoding: str,
+           encoder_memo: dict | None = None) -> Path:
     rows = read_csv(data, data_root=data_root, encoding=encoding)
     settings = requested_settings(rows, str(data), str(data_root) if data_root else None, num_frames, image_size,
                                    frame_interval, num_views, seed, shard_size, dtype, vae_path, text_path,
@@ -293,7 +314,7 @@ def _build(rank: int, world: int, data: str | os.PathLike, out: Path, vae_path: 
         if device is None:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        encoders = _load_encoders(settings, torch.device(device), text_speedup)
+        encoders = _load_encoders(settings, torch.device(device), text_speedup, encoder_memo)
         if existing:  # the folders behind the paths may have changed since those shards were written
             check_same(next(iter(existing.values()))["settings"], settings, "existing shards", out,
                         only_known=False)
@@ -364,6 +385,14 @@ def _write_index(out: Path, rows: list[dict[str, Any]], num_shards: int) -> None
 
 def run_cache(args: argparse.Namespace) -> int:
     """``opendit prepare cache`` (see :func:`register`)."""
+    if args.bucket_config:  # one cache per bucket shape (opendit.data.cache_buckets)
+        from opendit.data.cache_buckets import build_bucket_cache
+
+        build_bucket_cache(args)
+        return 0
+    for flag in ("num_frames", "image_size"):
+        if getattr(args, flag) is None:
+            raise DataError(f"--{flag} is required (unless --bucket_config gives each clip its size)")
     build_cache(args.data, args.out, args.vae_pretrained_path, args.text_pretrained_path, args.num_frames,
                 tuple(args.image_size), args.frame_interval, text_max_length=args.text_max_length,
                 shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
@@ -383,8 +412,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache folder to create or finish")
     p.add_argument("--vae_pretrained_path", required=True, help="AutoencoderKL folder, or 'pixel'")
     p.add_argument("--text_pretrained_path", required=True, help="T5 folder (DeepFloyd layout), or 'minilm'")
-    p.add_argument("--num_frames", type=int, required=True, help="frames per clip")
-    p.add_argument("--image_size", type=int, nargs=2, required=True, metavar=("H", "W"), help="clip size")
+    p.add_argument("--num_frames", type=int, default=None, help="frames per clip (not with --bucket_config)")
+    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="clip size (not with --bucket_config)")
+    p.add_argument("--bucket_config", default=None,
+                   help="store each clip at its shape bucket (a bucket table, or a train config holding one; keep "
+                        "probabilities 1): train from OUT with the same --bucket_config (docs/data.md)")
+    p.add_argument("--size_multiple", type=int, default=None,
+                   help="with --bucket_config: bucket sizes are multiples of this (default: the VAE factor x 2, "
+                        "the STDiT patch)")
     p.add_argument("--frame_interval", type=int, required=True, help="take every N-th frame")
     p.add_argument("--text_max_length", type=int, default=None,
                    help="text tokens (default: the encoder's, T5 120 / MiniLM 32); training must use the same")
