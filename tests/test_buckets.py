@@ -287,3 +287,30 @@ def test_bucket_cache_trains_with_the_same_sampler(assets, tmp_path, monkeypatch
                                **cached)) == 0
     resumed = losses(sorted(p for p in (tmp_path / "part").iterdir() if p.is_dir())[1])
     assert resumed == pytest.approx({k: v for k, v in losses(full).items() if k > 2}, rel=1e-6, abs=1e-7)
+
+
+def test_sequence_parallel_must_split_every_bucket():
+    table = BucketTable(parse_bucket_config({"32": {1: [1.0, 2], 8: [1.0, 2]}}), multiple=2)
+    table.check_sequence_parallel(1, "dsp", 1, (1, 2, 2))  # one rank: nothing to split
+    with pytest.raises(DataError, match=r"bucket_config\['32'\]\[1\] \(.*\): 1 latent frames do not split over "
+                                        r"--sequence_parallel_size 2"):
+        table.check_sequence_parallel(2, "dsp", 1, (1, 2, 2))
+    with pytest.raises(DataError, match=r"patches per frame do not split over --sequence_parallel_size 7"):
+        table.check_sequence_parallel(7, "ulysses", 1, (1, 2, 2))
+
+
+def test_unreadable_images_are_bad_samples(assets, tmp_path):
+    """A png that does not decode is counted and skipped like a bad video; the run goes on."""
+    rows = read_csv(assets["csv"])[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows.append({**rows[3], "path": str(broken)})
+    from opendit.data import write_csv
+
+    csv = write_csv(tmp_path / "data.csv", rows, ["path", "text", "num_frames", "fps", "height", "width"])
+    assert train_mod.main(argv(assets, tmp_path / "out", data_path=csv, epochs=1, max_steps=None,
+                               max_bad_fraction=0.5)) == 0
+    (exp,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    log = (exp / "log.txt").read_text()
+    assert "buckets: 7 of 7 clips fit a bucket" in log
+    assert "skipping bad sample" in log and "broken.png" in log
