@@ -122,7 +122,7 @@ def main() -> None:
             rate, steps = train_epoch(model, loader_on_device, args.steps, args.warmup)
             results[name] = dict(tokens_per_s=rate, steps=steps, fov_kept=statistics.mean(kept[name]),
                                  real_frames=statistics.mean(real[name]))
-    print(f"| run | tokens/s | steps | field of view kept | real frames |\n|---|---|---|---|---|")
+    print("| run | tokens/s | steps | field of view kept | real frames |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['steps']} | {r['fov_kept']:.1%} | {r['real_frames']:.1%} |")
     b, s = results["bucketed"], results["square"]

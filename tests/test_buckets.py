@@ -314,3 +314,11 @@ def test_unreadable_images_are_bad_samples(assets, tmp_path):
     log = (exp / "log.txt").read_text()
     assert "buckets: 7 of 7 clips fit a bucket" in log
     assert "skipping bad sample" in log and "broken.png" in log
+
+
+def test_rows_without_sizes_are_one_error(tmp_path):
+    rows = [{"path": str(tmp_path / "a.mp4"), "text": "x", "num_frames": None, "height": 32, "width": 32},
+            {"path": str(tmp_path / "b.png"), "text": "y", "height": 8, "width": 8}]  # images need no frame count
+    with pytest.raises(DataError, match=r"d.csv: 1 rows lack num_frames/height/width \(e.g. .*a.mp4\).*prepare csv"):
+        clips_of(rows, "d.csv")
+    assert clips_of(rows[1:], "d.csv") == [Clip(1, 8, 8, True)]

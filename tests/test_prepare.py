@@ -159,7 +159,7 @@ def test_info_counts_clips_per_bucket(tmp_path, capsys):
                  "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "buckets: 3 of 8 clips fit a bucket; skipped 3 too short, 2 image without a 1-frame bucket" in out
-    assert sum("  skipped 0000" in line for line in out.splitlines()) == 5
+    assert sum(line.startswith("  skipped /") and "clips/0000" in line for line in out.splitlines()) == 5
     assert "per bucket     32/8f/16:9 (1), 32/8f/1:1 (1), 32/8f/9:16 (1)" in out
     buckets.write_text("'300x': {8: [1.0, 2]}\n")
     assert main(["info", "--data", str(data), "--bucket_config", str(buckets)]) == 2

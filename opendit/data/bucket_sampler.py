@@ -16,7 +16,6 @@ exact next batch.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -65,7 +64,7 @@ def skip_summary(clips: list[Clip], table: BucketTable, paths: list[str], verbos
         if reason:
             reasons[reason] += 1
             if verbose:
-                lines.append(f"  skipped {os.path.basename(path)}: {reason} ({clip.num_frames} frames, "
+                lines.append(f"  skipped {path}: {reason} ({clip.num_frames} frames, "
                              f"{clip.height}x{clip.width})")
     fitting = len(clips) - sum(reasons.values())
     summary = f"buckets: {fitting} of {len(clips)} clips fit a bucket"
