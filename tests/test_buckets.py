@@ -322,3 +322,14 @@ def test_rows_without_sizes_are_one_error(tmp_path):
     with pytest.raises(DataError, match=r"d.csv: 1 rows lack num_frames/height/width \(e.g. .*a.mp4\).*prepare csv"):
         clips_of(rows, "d.csv")
     assert clips_of(rows[1:], "d.csv") == [Clip(1, 8, 8, True)]
+
+
+def test_grad_accum_steps_are_whole_groups_of_batches(assets, tmp_path):
+    """--grad_accum 2: a step is 2 bucket batches (each of one shape); an epoch has len(plan) // 2 steps."""
+    assert train_mod.main(argv(assets, tmp_path / "out", grad_accum=2, max_steps=None, epochs=1)) == 0
+    (exp,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    table = BucketTable(parse_bucket_config(BUCKETS), multiple=2, frame_interval=1)
+    sampler = BucketBatchSampler(clips_of(read_csv(assets["csv"]), str(assets["csv"])), table, seed=42)
+    records = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == len(sampler.plan()) // 2
+    assert all(sum(v for k, v in r.items() if k.startswith("bucket/")) == pytest.approx(1.0) for r in records)

@@ -210,7 +210,9 @@ def get_1d_sincos_pos_embed(embed_dim: int, length: int, scale: float = 1.0) -> 
     return get_1d_sincos_pos_embed_from_grid(embed_dim, pos)
 
 
-@lru_cache(maxsize=32)
+# Bucketed training (--bucket_config) meets one spatial grid per resolution x aspect ratio (6 x 9 in a full
+# Open-Sora 1.2 table) and one temporal length per frame count: all of them stay cached.
+@lru_cache(maxsize=128)
 def _pos_embed_cpu(kind: str, embed_dim: int, size: tuple[int, ...], scale: float) -> torch.Tensor:
     if kind == "spatial":
         emb = get_2d_sincos_pos_embed(embed_dim, size, scale=scale)
