@@ -76,7 +76,7 @@ def check_cached_shapes(dataset, table: BucketTable) -> None:  # noqa: ANN001 --
     """Each cached clip must be assigned the shape it is stored at (same table, same size multiple)."""
     for part, (start, shape) in enumerate(zip(dataset.starts, dataset.shapes)):
         c = dataset.clips[start]
-        bucket = table.assign(c.num_frames, c.height, c.width, c.is_image, 0, 0, start)
+        bucket = table.assign(c.num_frames, c.height, c.width, c.is_image)
         if bucket is None or bucket.shape != shape:
             got = "no bucket" if bucket is None else f"{bucket.shape}"
             raise DataError(f"{dataset.cache_dir}: clips cached at {shape} go to {got} with this run's table "

@@ -74,24 +74,26 @@ def test_sizes_keep_the_area_and_the_multiple():
 def test_assignment_rule():
     table = BucketTable(parse_bucket_config({"64": {1: [1.0, 4], 4: [1.0, 2], 16: [1.0, 1]},
                                              "32": {8: [1.0, 2]}}), multiple=2, frame_interval=2)
-    big = table.assign(100, 64, 112, False, 0, 0, 0)
+    big = table.assign(100, 64, 112, False)
     assert (big.resolution, big.num_frames, big.aspect) == ("64", 16, "16:9")  # span 31 <= 100
-    short = table.assign(20, 64, 64, False, 0, 0, 0)  # too short for 16 (span 31): the longest it fills
+    short = table.assign(20, 64, 64, False)  # too short for 16 (span 31): the longest it fills
     assert (short.resolution, short.num_frames) == ("64", 4)
-    image = table.assign(1, 80, 60, True, 0, 0, 0)
+    image = table.assign(1, 80, 60, True)
     assert (image.num_frames, image.aspect) == (1, "3:4")
-    small = table.assign(20, 32, 32, False, 0, 0, 0)  # too small for 64: the next smaller resolution
+    small = table.assign(20, 32, 32, False)  # too small for 64: the next smaller resolution
     assert (small.resolution, small.num_frames) == ("32", 8)
     assert table.fit(3, 64, 64, False) == "too short" and table.fit(100, 20, 20, False) == "too small"
-    assert table.fit(1, 20, 20, True) == "too small" and table.assign(3, 64, 64, False, 0, 0, 0) is None
+    assert table.fit(1, 20, 20, True) == "too small" and table.assign(3, 64, 64, False) is None
 
 
 def test_keep_probability_sends_clips_down_deterministically():
     table = BucketTable(parse_bucket_config({"64": {4: [0.3, 1]}, "32": {4: [1.0, 1]}}), multiple=2)
-    draws = [table.assign(8, 64, 64, False, 7, 0, i).resolution for i in range(400)]
-    assert 0.2 < draws.count("64") / 400 < 0.4
-    assert draws == [table.assign(8, 64, 64, False, 7, 0, i).resolution for i in range(400)]  # same seed, same
-    assert draws != [table.assign(8, 64, 64, False, 7, 1, i).resolution for i in range(400)]  # another epoch
+    def epoch(e: int) -> list[str]:
+        return [table.assign(8, 64, 64, False, row).resolution for row in table.keep_draws(7, e, 400)]
+
+    assert 0.2 < epoch(0).count("64") / 400 < 0.4
+    assert epoch(0) == epoch(0) and epoch(0) != epoch(1)  # the same draws for a seed and epoch, new ones next epoch
+    assert table.assign(8, 64, 64, False).resolution == "64"  # no draws: the first resolution it fits
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -136,7 +138,7 @@ def test_sampler_ranks_agree_and_see_every_clip_once():
             seen += [item[0] for item in b0 + b1 if item[0] >= 0]
         assert sorted(seen) == list(range(len(clips)))  # every clip once (all fit a bucket here)
         for item in batches[0][0]:
-            assert table.assign(*_args(clips[item[0]]), 3, epoch, item[0]).shape == item[1:]
+            assert table.assign(*_args(clips[item[0]])).shape == item[1:]  # (keep 1: no draw matters)
 
 
 def _args(c: Clip) -> tuple:

@@ -92,8 +92,9 @@ class BucketBatchSampler(Sampler[list[Item]]):
     def assignments(self, epoch: int) -> dict[Bucket, list[int]]:
         """The clips of each bucket this epoch, in dataset order."""
         out: dict[Bucket, list[int]] = {}
+        draws = self.table.keep_draws(self.seed, epoch, len(self.clips))
         for index, c in enumerate(self.clips):
-            bucket = self.table.assign(c.num_frames, c.height, c.width, c.is_image, self.seed, epoch, index)
+            bucket = self.table.assign(c.num_frames, c.height, c.width, c.is_image, draws[index])
             if bucket is not None:
                 out.setdefault(bucket, []).append(index)
         return out

@@ -132,6 +132,7 @@ class BucketTable:
         self.resolutions = sorted(config, key=lambda r: -resolution_area(r))  # largest first
         self.frames = {r: sorted(config[r].items(), reverse=True) for r in self.resolutions}  # longest first
         self.buckets: dict[tuple[str, int, str], Bucket] = {}
+        self._chains: dict[tuple[int, int, int, bool], tuple[tuple[int, Bucket, float], ...]] = {}
         for res in self.resolutions:
             for t, (_, batch) in self.frames[res]:
                 if t != 1 and t % frame_multiple:
@@ -160,22 +161,34 @@ class BucketTable:
             return None
         return "image without a 1-frame bucket" if is_image else "too short"
 
-    def assign(self, num_frames: int, height: int, width: int, is_image: bool, seed: int, epoch: int,
-               index: int) -> Bucket | None:
-        """The bucket of a clip this epoch, or None (fits none, or no keep draw kept it)."""
-        rng = None
-        for res in self.resolutions:
-            if height * width < MIN_AREA_FRACTION * resolution_area(res):
-                continue
-            candidates = self._candidates(res, num_frames, is_image)
-            if not candidates:
-                continue
-            t, keep = candidates[0]
-            if keep < 1.0:
-                rng = rng or np.random.default_rng([seed, epoch, index])  # drawn only when needed
-                if rng.random() >= keep:
-                    continue  # not kept at this resolution: try the next smaller one
-            return self.buckets[(res, t, nearest_aspect(height, width))]
+    def chain(self, num_frames: int, height: int, width: int, is_image: bool) -> tuple[tuple[int, Bucket, float], ...]:
+        """(resolution's position in :attr:`resolutions`, bucket, keep probability) of every resolution a clip fits,
+        largest first: it goes to the first one whose keep draw keeps it. Cached per clip size (a dataset has few
+        distinct ones), so an epoch's assignment of millions of clips takes seconds."""
+        key = (num_frames, height, width, is_image)
+        if key not in self._chains:
+            links = []
+            for position, res in enumerate(self.resolutions):
+                if height * width < MIN_AREA_FRACTION * resolution_area(res):
+                    continue
+                candidates = self._candidates(res, num_frames, is_image)
+                if candidates:
+                    t, keep = candidates[0]
+                    links.append((position, self.buckets[(res, t, nearest_aspect(height, width))], keep))
+            self._chains[key] = tuple(links)
+        return self._chains[key]
+
+    def keep_draws(self, seed: int, epoch: int, num_clips: int) -> np.ndarray:
+        """(num_clips, resolutions) uniform draws in [0, 1) of an epoch: row i decides clip i's keeps."""
+        return np.random.default_rng([seed, epoch]).random((num_clips, len(self.resolutions)), dtype=np.float32)
+
+    def assign(self, num_frames: int, height: int, width: int, is_image: bool,
+               draws: np.ndarray | None = None) -> Bucket | None:
+        """The bucket of a clip, or None (it fits none, or no keep draw kept it). ``draws``: the clip's row of
+        :meth:`keep_draws`; None keeps it at the first resolution it fits (what a table of keep 1 gives)."""
+        for position, bucket, keep in self.chain(num_frames, height, width, is_image):
+            if keep >= 1.0 or draws is None or draws[position] < keep:
+                return bucket
         return None
 
     def check_sequence_parallel(self, size: int, kind: str, vae_factor: int, patch: tuple[int, int, int],

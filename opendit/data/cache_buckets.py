@@ -59,7 +59,7 @@ def build_bucket_cache(args: argparse.Namespace) -> Path:
     clips = clips_of(rows, args.data)
     groups: dict[Any, list[int]] = {}
     for i, c in enumerate(clips):
-        bucket = table.assign(c.num_frames, c.height, c.width, c.is_image, 0, 0, i)
+        bucket = table.assign(c.num_frames, c.height, c.width, c.is_image)
         if bucket is not None:
             groups.setdefault(bucket, []).append(i)
     if not groups:
