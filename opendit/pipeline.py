@@ -10,14 +10,15 @@ resolves one; `opendit sample` builds one from its flags), or from components by
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from opendit.diffusion import IDDPM
+from opendit.diffusion import IDDPM, DiffusersSolver, make_solver, solver_name
+from opendit.diffusion.solvers import with_guidance
+from opendit.diffusion.caches import apply_caches, call_cache_config
 from opendit.model_folder import BUNDLED_MODEL, load_model_folder, load_stdit, read_model_source, read_pipeline_json
 from opendit.models import MODEL_PRESETS
 from opendit.sampling_settings import (
@@ -46,10 +47,12 @@ __all__ = [
 ]
 
 
-def make_scheduler(settings: SamplingSettings, learn_sigma: bool) -> IDDPM:
-    """The IDDPM sampler ``settings`` describe, for a model that does (not) output the learned variance."""
-    return IDDPM(num_sampling_steps=settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
-                 cfg_channels=settings.cfg_channels, prediction_type=settings.prediction_type, learn_sigma=learn_sigma)
+def make_scheduler(settings: SamplingSettings, learn_sigma: bool) -> IDDPM | DiffusersSolver:
+    """The sampler ``settings`` describe (IDDPM, DDIM or DPM-Solver++), for a model that does (not) output the
+    learned variance."""
+    return make_solver(settings.scheduler, settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
+                       cfg_channels=settings.cfg_channels, prediction_type=settings.prediction_type,
+                       learn_sigma=learn_sigma, ddim_eta=settings.ddim_eta)
 
 
 def load_text_encoder_for(settings: SamplingSettings, speedup: bool = False,
@@ -68,21 +71,26 @@ class STDiTPipeline:
 
     Components: an STDiT (or `NoiseLevelExperts`), a text encoder (``encode(prompts) -> {"y", "mask"}``; None when
     prompt embeddings are passed in), a VAE (``decode``, ``get_latent_size``, ``out_channels``), and an IDDPM
-    scheduler. ``settings`` give the call's defaults (video size, steps, guidance); a given ``scheduler``
-    decides its own steps and guidance, otherwise one is made from ``settings``.
+    scheduler (IDDPM, DDIM or DPM-Solver++, opendit/diffusion/solvers.py). ``settings`` give the call's defaults
+    (video size, steps, guidance); a given ``scheduler`` object decides its own steps and guidance; a scheduler
+    name ("iddpm", "ddim", "dpm-solver") or None makes one from ``settings``.
     """
 
-    def __init__(self, model: torch.nn.Module, text_encoder, vae, scheduler: IDDPM | None = None,
-                 settings: SamplingSettings | None = None):
+    def __init__(self, model: torch.nn.Module, text_encoder, vae,
+                 scheduler: IDDPM | DiffusersSolver | str | None = None, settings: SamplingSettings | None = None):
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.vae = vae
         settings = settings or SamplingSettings()
-        if scheduler is None:
+        if scheduler is None or isinstance(scheduler, str):
+            if isinstance(scheduler, str):
+                settings = replace(settings, scheduler=scheduler)
+                settings.validate()
             scheduler = make_scheduler(settings, model.learn_sigma)
         else:
             settings = replace(settings, num_sampling_steps=scheduler.num_timesteps, cfg_scale=scheduler.cfg_scale,
-                               cfg_channels=scheduler.cfg_channels, prediction_type=scheduler.prediction_type)
+                               cfg_channels=scheduler.cfg_channels, prediction_type=scheduler.prediction_type,
+                               scheduler=solver_name(scheduler), ddim_eta=getattr(scheduler, "eta", settings.ddim_eta))
         self.scheduler, self.settings = scheduler, settings
 
     @property
@@ -168,10 +176,12 @@ class STDiTPipeline:
         return self.text_encoder.encode(prompts)
 
     def call_settings(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                      num_inference_steps: int | None = None, guidance_scale: float | None = None) -> SamplingSettings:
+                      num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                      scheduler: str | None = None) -> SamplingSettings:
         """The pipeline's settings with a call's arguments (None: the pipeline's), checked as flags are."""
         s = self.settings
         call = replace(s, num_frames=s.num_frames if num_frames is None else num_frames,
+                       scheduler=s.scheduler if scheduler is None else scheduler,
                        image_size=(s.image_size[0] if height is None else height,
                                    s.image_size[1] if width is None else width),
                        num_sampling_steps=s.num_sampling_steps if num_inference_steps is None else num_inference_steps,
@@ -181,16 +191,16 @@ class STDiTPipeline:
                        names=CALL_NAMES)
         return call
 
-    def scheduler_for(self, settings: SamplingSettings) -> IDDPM:
-        """The pipeline's scheduler, re-spaced or re-guided when ``settings`` ask for other steps or guidance."""
+    def scheduler_for(self, settings: SamplingSettings) -> IDDPM | DiffusersSolver:
+        """The pipeline's scheduler, or one made for a call asking for another solver, other steps or guidance
+        (the pipeline's own is never changed)."""
         scheduler = self.scheduler
-        if settings.num_sampling_steps != scheduler.num_timesteps:
-            return IDDPM(num_sampling_steps=settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
-                         cfg_channels=scheduler.cfg_channels, prediction_type=scheduler.prediction_type,
-                         learn_sigma=scheduler.learn_sigma)
+        if (settings.scheduler, settings.num_sampling_steps) != (solver_name(scheduler), scheduler.num_timesteps):
+            return make_solver(settings.scheduler, settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
+                               cfg_channels=scheduler.cfg_channels, prediction_type=scheduler.prediction_type,
+                               learn_sigma=scheduler.learn_sigma, ddim_eta=settings.ddim_eta)
         if settings.cfg_scale != scheduler.cfg_scale:  # guidance is read at each step only: same schedule
-            scheduler = copy.copy(scheduler)
-            scheduler.cfg_scale = settings.cfg_scale
+            return with_guidance(scheduler, settings.cfg_scale)
         return scheduler
 
     def condition(self, prompts: list[str] | None, prompt_embeds: dict[str, torch.Tensor] | None) -> dict:
@@ -216,15 +226,22 @@ class STDiTPipeline:
         generator: torch.Generator | None = None,
         prompt_embeds: dict[str, torch.Tensor] | None = None,
         progress: bool = True,
+        scheduler: str | None = None,
+        pab: bool | None = None,
+        step_cache: str | None = None,
+        step_cache_threshold: float | None = None,
     ) -> torch.Tensor:
-        """Videos (B, C, T, H, W) in [-1, 1]; sizes, steps and guidance default to the pipeline's settings.
-        A bad argument raises ValueError naming it."""
+        """Videos (B, C, T, H, W) in [-1, 1]; sizes, steps, guidance and the solver (``scheduler``: "iddpm",
+        "ddim", "dpm-solver") default to the pipeline's settings. A bad argument raises ValueError naming it."""
         # 1. check inputs
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of prompts or prompt_embeds")
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        settings = self.call_settings(num_frames, height, width, num_inference_steps, guidance_scale)
+        settings = self.call_settings(num_frames, height, width, num_inference_steps, guidance_scale, scheduler)
         scheduler = self.scheduler_for(settings)
+        # step caches (``pab``, ``step_cache``, ``step_cache_threshold``; None: the settings'): diffusion/caches.py
+        caches = call_cache_config(settings, CALL_NAMES, pab=pab, step_cache=step_cache,
+                                   step_cache_threshold=step_cache_threshold)
 
         # 2. encode prompt
         model_kwargs = self.condition(prompts, prompt_embeds)
@@ -239,8 +256,9 @@ class STDiTPipeline:
         # Pixel-space models denoise images, which lie in [-1, 1]: clipping the x_0 estimate keeps sampling
         # stable (as DDPM does for images); latents of a VAE are unbounded and are never clipped.
         clip = getattr(self.vae, "bounded", False)
-        samples = scheduler.sample(self.model, z, model_kwargs, progress=progress, generator=generator,
-                                   clip_denoised=clip)
+        with apply_caches(self.model, caches) as self.cache_stats:  # what the caches skipped, for benchmarks
+            samples = scheduler.sample(self.model, z, model_kwargs, progress=progress, generator=generator,
+                                       clip_denoised=clip)
 
         # 5. decode
         video = self.vae.decode(samples.to(getattr(self.vae, "dtype", samples.dtype)))  # (n, 3, T, H, W)

@@ -26,7 +26,7 @@ import torch
 
 from opendit.config import parse_config
 from opendit.data.csvfile import read_text_file
-from opendit.diffusion import PREDICTION_TYPES
+from opendit.diffusion import PREDICTION_TYPES, SCHEDULERS
 from opendit.pipeline import (
     BUNDLED_MODEL,
     STDiTPipeline,
@@ -108,6 +108,32 @@ class SampleConfig:
     sequence_parallel_size: int = field(default=1, metadata={"help": "GPUs sharing one video's sequence (torchrun)"})
     sequence_parallel_type: str = field(default="dsp", metadata={"help": "dsp | ulysses",
                                                                  "choices": ["dsp", "ulysses"]})
+    # fast sampling: solvers (opendit/diffusion/solvers.py) and CFG parallelism (opendit/parallel/cfg.py)
+    scheduler: str | None = field(default=None, metadata={
+        "help": "the sampler: iddpm (Open-Sora's ancestral sampler), ddim or dpm-solver (DPM-Solver++ 2M, good at "
+                "10-20 steps); default: the model folder's pipeline.json, else iddpm", "choices": list(SCHEDULERS)})
+    ddim_eta: float | None = field(default=None, metadata={
+        "help": "DDIM's noise in [0, 1]: 0 deterministic (default), 1 as ancestral sampling; --scheduler ddim only"})
+    cfg_parallel: bool = field(default=False, metadata={
+        "help": "torchrun with 2 x --sequence_parallel_size processes: the conditional and unconditional halves "
+                "of classifier-free guidance on two rank groups, one exchange per step"})
+    # fast sampling: step caches (opendit/diffusion/caches.py); default: the model folder's pipeline.json, else off
+    pab: bool | None = field(default=None, metadata={
+        "help": "Pyramid Attention Broadcast: inside --pab_window, attention outputs are reused between steps"})
+    pab_spatial_range: int | None = field(default=None, metadata={
+        "help": "PAB: spatial attention computes every N-th step (default 2)"})
+    pab_temporal_range: int | None = field(default=None, metadata={
+        "help": "PAB: temporal attention computes every N-th step (default 4)"})
+    pab_cross_range: int | None = field(default=None, metadata={
+        "help": "PAB: cross-attention computes every N-th step (default 6)"})
+    pab_window: tuple[int, int] | None = field(default=None, metadata={
+        "help": "PAB: the timesteps LOW HIGH (exclusive, 0..1000) where attention is broadcast (default 450 930)"})
+    step_cache: str | None = field(default=None, metadata={
+        "help": "skip every block of a step (teacache) or all but the first (fbcache) while the input barely "
+                "changed; teacache needs the model's coefficients (opendit calibrate)",
+        "choices": ["none", "teacache", "fbcache"]})
+    step_cache_threshold: float | None = field(default=None, metadata={
+        "help": "--step_cache's threshold: higher skips more (default 0.1 teacache, 0.05 fbcache)"})
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -137,6 +163,10 @@ def settings_from_config(cfg: SampleConfig, device: torch.device | None = None) 
         cfg.model_pretrained_path, names=FLAG_NAMES, model_preset=cfg.model, text_encoder=cfg.text_pretrained_path,
         vae=cfg.vae_pretrained_path, text_max_length=cfg.text_max_length, image_size=cfg.image_size,
         num_frames=cfg.num_frames, fps=cfg.fps, num_sampling_steps=cfg.scheduler_num_sampling_steps,
+        scheduler=cfg.scheduler, ddim_eta=cfg.ddim_eta,
+        pab=cfg.pab, pab_spatial_range=cfg.pab_spatial_range, pab_temporal_range=cfg.pab_temporal_range,
+        pab_cross_range=cfg.pab_cross_range, pab_window=cfg.pab_window, step_cache=cfg.step_cache,
+        step_cache_threshold=cfg.step_cache_threshold,
         cfg_scale=cfg.scheduler_cfg_scale, cfg_channels=cfg.cfg_channels, prediction_type=cfg.prediction_type,
         space_scale=cfg.model_space_scale, time_scale=cfg.model_time_scale, batch_size=cfg.batch_size,
         device=device if device is not None else cfg.device, dtype=cfg.dtype)
@@ -162,20 +192,28 @@ def prepare_model(model: torch.nn.Module, cfg: SampleConfig) -> None:
             from opendit.parallel.checkpointing import apply_compile
 
             apply_compile(stdit)
-        if cfg.sequence_parallel_size > 1:
+        if cfg.sequence_parallel_size > 1 and not cfg.cfg_parallel:
             from opendit.parallel.sequence import setup_sequence_parallel_sampling
 
             setup_sequence_parallel_sampling(stdit, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
+    if cfg.cfg_parallel:  # the ("cfg", "sp") mesh: sequence parallelism inside each half's group
+        from opendit.parallel.cfg import setup_cfg_parallel_sampling
+
+        setup_cfg_parallel_sampling(model, cfg.sequence_parallel_size, cfg.sequence_parallel_type)
 
 
 def sample_main(cfg: SampleConfig) -> list[Path]:
     from opendit.data.video import write_gif, write_video
 
     dist_info = None
-    if cfg.sequence_parallel_size > 1:  # under torchrun: each rank on its own GPU (LOCAL_RANK)
+    if cfg.sequence_parallel_size > 1 or cfg.cfg_parallel:  # under torchrun: each rank on its own GPU (LOCAL_RANK)
         from opendit.parallel import init_distributed
 
         dist_info = init_distributed()
+        if cfg.cfg_parallel:  # before loading anything: a wrong process count is one line
+            from opendit.parallel.cfg import check_cfg_parallel_world
+
+            check_cfg_parallel_world(dist_info.world_size, cfg.sequence_parallel_size)
     prompts = read_prompts(cfg)
     lora_scales(cfg)  # a bad --lora/--lora_scale pairing fails before anything loads
     settings = settings_from_config(cfg, dist_info.device if dist_info is not None else None)

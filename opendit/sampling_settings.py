@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from opendit.diffusion import PREDICTION_TYPES
+from opendit.diffusion import PREDICTION_TYPES, SCHEDULERS
+from opendit.diffusion.caches import check_cache_settings
 from opendit.model_folder import read_model_source
 from opendit.models import MODEL_PRESETS
 
@@ -29,6 +30,7 @@ FLAGS = {
     "vae": "--vae_pretrained_path", "num_sampling_steps": "--scheduler_num_sampling_steps",
     "cfg_scale": "--scheduler_cfg_scale", "space_scale": "--model_space_scale", "time_scale": "--model_time_scale",
     "height": "--image_size H", "width": "--image_size W",
+    "pab_window": "--pab_window LOW HIGH",
 }
 # The pipeline call's argument names where they are not the field's.
 CALL_ARGUMENTS = {"num_sampling_steps": "num_inference_steps", "cfg_scale": "guidance_scale"}
@@ -103,6 +105,8 @@ class SamplingSettings:
     num_frames: int = 16
     fps: int = 8  # frames per second of written videos
     num_sampling_steps: int = 100  # denoising steps
+    scheduler: str = "iddpm"  # the sampler: iddpm | ddim | dpm-solver (opendit/diffusion/solvers.py)
+    ddim_eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 as ancestral DDPM (scheduler "ddim" only)
     cfg_scale: float = 7.0  # classifier-free guidance scale
     cfg_channels: int | None = None  # guide only the first N noise channels (3: the original); None: all
     prediction_type: str = "epsilon"  # epsilon | sample | v_prediction
@@ -111,10 +115,21 @@ class SamplingSettings:
     batch_size: int = 1  # prompts denoised together
     device: str | torch.device | None = None  # None: cuda if available, else cpu
     dtype: str | torch.dtype | None = None  # fp16 | bf16 | fp32; None: fp16 on CUDA, fp32 elsewhere
+    # Step caches (opendit/diffusion/caches.py); off by default, which leaves sampling exactly as it was.
+    pab: bool = False  # Pyramid Attention Broadcast: reuse attention outputs across steps
+    pab_spatial_range: int = 2  # inside the window, spatial attention computes every N-th step (VideoSys: 2)
+    pab_temporal_range: int = 4  # temporal attention (VideoSys: 4)
+    pab_cross_range: int = 6  # cross-attention (VideoSys: 6)
+    pab_window: tuple[int, int] = (450, 930)  # timesteps LOW < t < HIGH where PAB broadcasts (VideoSys)
+    step_cache: str = "none"  # none | teacache | fbcache: skip whole steps' blocks when the input barely changed
+    step_cache_threshold: float | None = None  # None: 0.1 for teacache, 0.05 for fbcache
+    teacache_coefficients: list[float] | None = None  # the model's rescale polynomial (`opendit calibrate`)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # JSON / YAML give lists
             self.image_size = tuple(self.image_size)
+        if isinstance(self.pab_window, list):
+            self.pab_window = tuple(self.pab_window)
         if isinstance(self.model, Path):
             self.model = str(self.model)
 
@@ -145,9 +160,14 @@ class SamplingSettings:
                 "two integers H W >= 1")
         require(_is_int(self.num_frames, 1), "num_frames", "an integer >= 1")
         require(_is_int(self.fps, 1), "fps", "an integer >= 1")
-        # one kept step leaves the last step's variance undefined (IDDPM keeps at least 2)
-        require(_is_int(self.num_sampling_steps, 2, DIFFUSION_STEPS), "num_sampling_steps",
-                f"an integer in 2..{DIFFUSION_STEPS}")
+        require(self.scheduler in SCHEDULERS, "scheduler", f"one of {list(SCHEDULERS)}")
+        # one kept step leaves the last step's variance undefined (IDDPM keeps at least 2); DDIM and DPM-Solver
+        # can jump from pure noise to x_0 in one
+        fewest = 2 if self.scheduler == "iddpm" else 1
+        require(_is_int(self.num_sampling_steps, fewest, DIFFUSION_STEPS), "num_sampling_steps",
+                f"an integer in {fewest}..{DIFFUSION_STEPS}")
+        require(isinstance(self.ddim_eta, Real) and not isinstance(self.ddim_eta, bool)
+                and 0 <= self.ddim_eta <= 1, "ddim_eta", "a number in [0, 1]")
         require(isinstance(self.cfg_scale, Real) and not isinstance(self.cfg_scale, bool)
                 and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0, "cfg_scale", "a finite number >= 0")
         require(self.cfg_channels is None or _is_int(self.cfg_channels, 1), "cfg_channels", "an integer >= 1")
@@ -155,6 +175,7 @@ class SamplingSettings:
         for key in ("space_scale", "time_scale"):
             require(getattr(self, key) is None or _is_positive_number(getattr(self, key)), key, "a number > 0")
         require(_is_int(self.batch_size, 1), "batch_size", "an integer >= 1")
+        check_cache_settings(self, names)
         self.torch_dtype(names)  # checks the device too
         return self
 

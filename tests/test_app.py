@@ -43,7 +43,7 @@ def test_generate_returns_an_mp4_of_the_asked_size_and_a_sidecar(app):
     frames = decode(video)
     assert len(frames) == 6 and frames[0].shape == (32, 16, 3)
     args = {"prompt": PROMPT, "seed": 3, "height": 32, "width": 16, "num_frames": 6, "num_inference_steps": 5,
-            "guidance_scale": 7.0}
+            "guidance_scale": 7.0, "scheduler": "iddpm"}
     assert settings["arguments"] == args and settings["fps"] == 8
     saved = app["out"] / settings["video"]
     assert saved.read_bytes() == Path(video).read_bytes() and (app["out"] / settings["preview"]).is_file()
@@ -52,7 +52,8 @@ def test_generate_returns_an_mp4_of_the_asked_size_and_a_sidecar(app):
 
 def test_prompt_alone_takes_the_models_defaults_and_a_random_seed(app):
     client, defaults = app["client"], app["generator"].defaults
-    assert defaults == {"height": 32, "width": 32, "num_frames": 8, "num_inference_steps": 50, "guidance_scale": 7.0}
+    assert defaults == {"height": 32, "width": 32, "num_frames": 8, "num_inference_steps": 50, "guidance_scale": 7.0,
+                        "scheduler": "iddpm"}
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     params = {p["parameter_name"]: p for p in info["parameters"]}
     assert list(params)[:2] == ["prompt", "seed"] and not params["prompt"]["parameter_has_default"]
@@ -68,6 +69,7 @@ def test_prompt_alone_takes_the_models_defaults_and_a_random_seed(app):
     (dict(width=1024), "greater than maximum value 64"),
     (dict(num_inference_steps=100000), "greater than maximum value 200"),
     (dict(num_frames=0), "less than minimum value 2"),
+    (dict(scheduler="euler"), "not in the list of choices"),
 ])
 def test_bad_request_is_a_readable_error_and_the_server_keeps_serving(app, request_, message):
     with pytest.raises(AppError, match=message):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opendit.diffusion import SCHEDULERS
 from opendit.pipeline import STDiTPipeline
 from opendit.sampling_settings import DIFFUSION_STEPS
 
@@ -59,9 +60,14 @@ class Option:
     maximum: float
     step: float
     info: str = ""
+    choices: tuple[str, ...] = ()  # a choice among names (a dropdown; kind str, bounds unused) when given
 
-    def check(self, value) -> int | float:
+    def check(self, value) -> int | float | str:
         """``value`` as ``kind``; ValueError naming the option when it is not one or is out of bounds."""
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{self.name} must be one of {list(self.choices)}, got {value!r}")
+            return value
         ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
         if ok and self.kind is int:
             ok = float(value).is_integer()
@@ -102,6 +108,8 @@ def sampling_options(pipe: STDiTPipeline) -> list[Option]:
                "fewer: faster, rougher"),
         Option("guidance_scale", "Guidance scale", float, s.cfg_scale, 0.0, max(20.0, 2 * s.cfg_scale), 0.5,
                "how closely to follow the prompt (0: ignore it)"),
+        Option("scheduler", "Solver", str, s.scheduler, 0, 0, 0,
+               "dpm-solver and ddim: as good in far fewer steps", choices=SCHEDULERS),
     ]
 
 

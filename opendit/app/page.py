@@ -17,12 +17,13 @@ CSS = """
 """
 
 
-def control_rows(options: list[Option]) -> list[gr.Slider]:
-    """A slider per option, two to a row, in the options' order."""
+def control_rows(options: list[Option]) -> list[gr.Slider | gr.Dropdown]:
+    """A slider per option (a dropdown for a choice among names), two to a row, in the options' order."""
     sliders = []
     for i in range(0, len(options), 2):
         with gr.Row():
-            sliders += [gr.Slider(o.minimum, o.maximum, value=o.default, step=o.step, label=o.label, info=o.info)
+            sliders += [gr.Dropdown(list(o.choices), value=o.default, label=o.label, info=o.info) if o.choices else
+                        gr.Slider(o.minimum, o.maximum, value=o.default, step=o.step, label=o.label, info=o.info)
                         for o in options[i:i + 2]]
     return sliders
 

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from opendit.diffusion.step_info import sampling_steps
 
 Model = Callable[..., torch.Tensor]
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "truncated_snr")  # see IDDPM.mse_weight
@@ -459,7 +460,9 @@ class IDDPM:
             )
         forward = self.guided(model)
         x = torch.cat([z, z], dim=0)  # (2n, C, T, H, W): conditional half, unconditional half
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
+        # sampling_steps keeps a step cache's model.step_info current (opendit/diffusion/step_info.py)
+        for step, _ in sampling_steps(model, self.timestep_map.flip(0).tolist(), progress):
+            i = self.num_timesteps - 1 - step  # the respaced index
             t = torch.full((2 * n,), i, dtype=torch.long, device=z.device)
             x = self.p_sample(forward, x, t, model_kwargs=model_kwargs, generator=generator,
                               clip_denoised=clip_denoised)["sample"]
