@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="named in every prompt; 'none': prompts that leave it to the model")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--scheduler", choices=["iddpm", "ddim", "dpm-solver"], default=None,
+                   help="the sampler (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--verbose", action="store_true", help="print every prompt and what was found")
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.time()
-    pipe = STDiTPipeline.from_pretrained(args.model, device="cpu")
+    pipe = STDiTPipeline.from_pretrained(args.model, device="cpu", scheduler=args.scheduler)
     if args.word_use:
         word_use(pipe, timesteps=tuple(args.timesteps), seed=args.seeds[0], paths=args.paths)
         print(f"\n{time.time() - t0:.0f}s on {torch.get_num_threads()} CPU threads")

@@ -272,3 +272,13 @@ def test_app_offers_the_solvers():
     assert option.check("dpm-solver") == "dpm-solver"
     with pytest.raises(ValueError, match=r"scheduler must be one of \['iddpm', 'ddim', 'dpm-solver'\], got 'x'"):
         option.check("x")
+
+
+def test_yaml_config_names_the_scheduler(tmp_path):
+    from opendit.config import parse_config
+    from opendit.sample import SampleConfig, settings_from_config
+
+    (tmp_path / "sample.yaml").write_text("scheduler: ddim\nddim_eta: 0.3\nscheduler_num_sampling_steps: 12\n")
+    cfg = parse_config(SampleConfig, ["--config", str(tmp_path / "sample.yaml"), "--prompt", "x"], prog="opendit sample")
+    settings = settings_from_config(cfg)
+    assert (settings.scheduler, settings.ddim_eta, settings.num_sampling_steps) == ("ddim", 0.3, 12)
