@@ -64,7 +64,8 @@ def estimates(lora_rank: int = 16) -> list[tuple[str, dict[str, float]]]:
         parts = {"STDiT weights": 2 * N, "activations": 2 * 10 * S * 1152 * 2, "VAE weights": 2 * VAE_PARAMS,
                  "VAE decode (4 frames/call)": vae_decode(4, size)}
         rows.append((f"sample 16x{size} (T5 freed first; opendit sample)", parts))
-        rows.append((f"sample 16x{size}, --vae_tiling", {**parts, "VAE decode (4 frames/call)": vae_decode(4, size, 256)}))
+        tiled = {**parts, "VAE decode (4 frames/call)": vae_decode(4, size, 256)}
+        rows.append((f"sample 16x{size}, --vae_tiling", tiled))
         rows.append((f"sample 16x{size}, T5 on the GPU too", {**parts, "T5-XXL": T5_XXL_BYTES}))
     for gc in (False, True):
         act = activations(16, 256, gc)

@@ -77,6 +77,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, num_sampling_step
     ema = checkpoint / "ema.pt"
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
+    if (checkpoint / "lora").is_dir():  # its model/ and ema.pt hold the adapters only
+        raise ValueError(f"{checkpoint} is a LoRA run's checkpoint: export it with --merge_lora {checkpoint / 'lora'} "
+                         f"(--base: the model folder it was trained on), or sample with --lora")
     if weights == "ema":
         if not ema.is_file():
             raise FileNotFoundError(f"no ema.pt in checkpoint folder {checkpoint} (--checkpoint)")

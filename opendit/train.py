@@ -361,7 +361,8 @@ class Trainer:
                        sample_start_index=self.sampler.state_dict()["start_index"],
                        batch_size=self.cfg.batch_size, global_batch_size=self.global_batch,
                        sampler=self.sampler.state_dict(), health=health)
-        lora = dict(trained_only=True, extra=lora_writer(self.lora, self.cfg.model_pretrained_path)) if self.lora else {}
+        lora = {} if self.lora is None else dict(trained_only=True,  # adapters only, and <checkpoint>/lora
+                                                 extra=lora_writer(self.lora, self.cfg.model_pretrained_path))
         path = save_train_state(self.experiment_dir, self.model, self.optimizer, self.ema, self.scaler, running,
                                 self.device, **lora)
         self.last_saved, self.last_path = self.global_step, path

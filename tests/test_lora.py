@@ -106,7 +106,9 @@ def test_sample_with_lora_and_merged_export_agree(base, tmp_path):
     assert not torch.allclose(plain, adapted)
     # merged into the weights: the same video to fp32 tolerance, and a plain model folder
     merged = tmp_path / "merged"
-    assert export_main(["--merge_lora", str(lora), "--base", str(base["folder"]), "--out", str(merged)]) == 0
+    assert export_main(["--merge_lora", str(lora), "--out", str(merged)]) == 0  # base: adapter_config.json's record
+    assert export_main(["--checkpoint", str(lora.parent), "--out", str(tmp_path / "no")]) == 1  # adapters only
+    assert not (tmp_path / "no").exists()
     assert sorted(p.name for p in merged.iterdir()) == ["config.json", "model.safetensors", "pipeline.json"]
     assert set(STDiT.from_pretrained(str(merged)).state_dict()) == set(STDiT.from_pretrained(
         str(base["folder"])).state_dict())
