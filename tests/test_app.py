@@ -18,6 +18,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from opendit.app import main, read_sidecar  # noqa: E402
 
 PROMPT = "a red circle moving to the right on a black background"
+CACHE_DEFAULTS = {"pab": False, "step_cache": "none", "step_cache_threshold": 0.1}  # the step caches: off
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_generate_returns_an_mp4_of_the_asked_size_and_a_sidecar(app):
     frames = decode(video)
     assert len(frames) == 6 and frames[0].shape == (32, 16, 3)
     args = {"prompt": PROMPT, "seed": 3, "height": 32, "width": 16, "num_frames": 6, "num_inference_steps": 5,
-            "guidance_scale": 7.0, "scheduler": "iddpm"}
+            "guidance_scale": 7.0, "scheduler": "iddpm", **CACHE_DEFAULTS}
     assert settings["arguments"] == args and settings["fps"] == 8
     saved = app["out"] / settings["video"]
     assert saved.read_bytes() == Path(video).read_bytes() and (app["out"] / settings["preview"]).is_file()
@@ -53,7 +54,7 @@ def test_generate_returns_an_mp4_of_the_asked_size_and_a_sidecar(app):
 def test_prompt_alone_takes_the_models_defaults_and_a_random_seed(app):
     client, defaults = app["client"], app["generator"].defaults
     assert defaults == {"height": 32, "width": 32, "num_frames": 8, "num_inference_steps": 50, "guidance_scale": 7.0,
-                        "scheduler": "iddpm"}
+                        "scheduler": "iddpm", **CACHE_DEFAULTS}
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     params = {p["parameter_name"]: p for p in info["parameters"]}
     assert list(params)[:2] == ["prompt", "seed"] and not params["prompt"]["parameter_has_default"]
@@ -70,6 +71,8 @@ def test_prompt_alone_takes_the_models_defaults_and_a_random_seed(app):
     (dict(num_inference_steps=100000), "greater than maximum value 200"),
     (dict(num_frames=0), "less than minimum value 2"),
     (dict(scheduler="euler"), "not in the list of choices"),
+    (dict(step_cache="pab"), "not in the list of choices"),
+    (dict(step_cache_threshold=-0.5), "less than minimum value 0"),
 ])
 def test_bad_request_is_a_readable_error_and_the_server_keeps_serving(app, request_, message):
     with pytest.raises(AppError, match=message):
@@ -106,6 +109,13 @@ def test_python_callers_get_the_same_checks(app):
         generator.arguments(PROMPT, sampler="ddim")
     with pytest.raises(ValueError, match="seed must be"):
         generator.arguments(PROMPT, seed=-5)
+    with pytest.raises(ValueError, match="pab must be true or false, got 1"):
+        generator.arguments(PROMPT, pab=1)
+    options = {o.name: o for o in generator.options}
+    assert options["step_cache"].choices == ("none", "teacache", "fbcache")  # the demo model is calibrated
+    result = generator.generate(PROMPT, seed=0, progress=False, num_inference_steps=6, pab=True, step_cache="fbcache",
+                                step_cache_threshold=1.0)
+    assert generator.pipe.cache_stats.computed["steps"] < 6 and result.record["arguments"]["pab"] is True
     args = generator.arguments(f"  {PROMPT} ", seed=None, height=16.0)
     assert args["prompt"] == PROMPT and args["height"] == 16 and isinstance(args["height"], int)
 

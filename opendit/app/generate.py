@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from opendit.diffusion import SCHEDULERS
+from opendit.diffusion.caches import DEFAULT_THRESHOLDS, STEP_CACHES
 from opendit.pipeline import STDiTPipeline
 from opendit.sampling_settings import DIFFUSION_STEPS
 
@@ -68,6 +69,10 @@ class Option:
             if value not in self.choices:
                 raise ValueError(f"{self.name} must be one of {list(self.choices)}, got {value!r}")
             return value
+        if self.kind is bool:  # a switch (a checkbox)
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, got {value!r}")
+            return value
         ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
         if ok and self.kind is int:
             ok = float(value).is_integer()
@@ -110,6 +115,21 @@ def sampling_options(pipe: STDiTPipeline) -> list[Option]:
                "how closely to follow the prompt (0: ignore it)"),
         Option("scheduler", "Solver", str, s.scheduler, 0, 0, 0,
                "dpm-solver and ddim: as good in far fewer steps", choices=SCHEDULERS),
+        *cache_options(s),
+    ]
+
+
+def cache_options(s) -> list[Option]:
+    """The step caches (opendit/diffusion/caches.py); TeaCache only for a model that records its coefficients."""
+    kinds = tuple(k for k in STEP_CACHES if k != "teacache" or s.teacache_coefficients is not None)
+    threshold = DEFAULT_THRESHOLDS["teacache"] if s.step_cache_threshold is None else s.step_cache_threshold
+    return [
+        Option("pab", "Attention broadcast (PAB)", bool, s.pab, 0, 0, 0,
+               "reuse attention outputs between steps: faster, slightly rougher"),
+        Option("step_cache", "Step cache", str, s.step_cache, 0, 0, 0,
+               "skip a step's blocks while its input barely changes", choices=kinds),
+        Option("step_cache_threshold", "Step-cache threshold", float, threshold, 0.0, 1.0, 0.01,
+               "higher: more steps skipped"),
     ]
 
 

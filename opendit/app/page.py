@@ -17,12 +17,14 @@ CSS = """
 """
 
 
-def control_rows(options: list[Option]) -> list[gr.Slider | gr.Dropdown]:
-    """A slider per option (a dropdown for a choice among names), two to a row, in the options' order."""
+def control_rows(options: list[Option]) -> list[gr.Slider | gr.Dropdown | gr.Checkbox]:
+    """A slider per option (a dropdown for a choice among names, a checkbox for a switch), two to a row, in the
+    options' order."""
     sliders = []
     for i in range(0, len(options), 2):
         with gr.Row():
             sliders += [gr.Dropdown(list(o.choices), value=o.default, label=o.label, info=o.info) if o.choices else
+                        gr.Checkbox(value=o.default, label=o.label, info=o.info) if o.kind is bool else
                         gr.Slider(o.minimum, o.maximum, value=o.default, step=o.step, label=o.label, info=o.info)
                         for o in options[i:i + 2]]
     return sliders
