@@ -102,13 +102,19 @@ def apply_caches(model: nn.Module, config: CacheConfig) -> Iterator[CacheStats]:
     if config.step_cache == "teacache" and config.teacache_coefficients is None and not config.record:
         raise ValueError(no_coefficients_message("step_cache"))
     from opendit.diffusion.cache_hooks import install, remove
+    from opendit.diffusion.step_info import StepInfo
 
+    own_info = not isinstance(getattr(model, "step_info", None), StepInfo)
+    if own_info:  # every sampler keeps it current (index / total): the step caches always compute the last step
+        model.step_info = StepInfo()
     installed: list = []
     try:
         install(model, config, stats, installed)
         yield stats
     finally:
         remove(installed)
+        if own_info:
+            del model.step_info
 
 
 def no_coefficients_message(name: str) -> str:
