@@ -279,6 +279,7 @@ def test_yaml_config_names_the_scheduler(tmp_path):
     from opendit.sample import SampleConfig, settings_from_config
 
     (tmp_path / "sample.yaml").write_text("scheduler: ddim\nddim_eta: 0.3\nscheduler_num_sampling_steps: 12\n")
-    cfg = parse_config(SampleConfig, ["--config", str(tmp_path / "sample.yaml"), "--prompt", "x"], prog="opendit sample")
+    argv = ["--config", str(tmp_path / "sample.yaml"), "--prompt", "x"]
+    cfg = parse_config(SampleConfig, argv, prog="opendit sample")
     settings = settings_from_config(cfg)
     assert (settings.scheduler, settings.ddim_eta, settings.num_sampling_steps) == ("ddim", 0.3, 12)
