@@ -125,7 +125,8 @@ def cfg_parallel_row(args, prompts: list[str]) -> str:
         with tempfile.TemporaryDirectory() as out:
             flags = ["--save_dir", out, "--no-gif", "--device", "cpu", "--seed", "0"]
             flags += [a for p in prompts for a in ("--prompt", p)]
-            proc = subprocess.run(cmd + flags, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run(cmd + flags, capture_output=True, text=True, env=env)
         found = re.search(r"wrote \d+ sample\(s\) to .* in ([\d.]+)s", proc.stdout)
         if proc.returncode or not found:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")

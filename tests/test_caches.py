@@ -163,7 +163,8 @@ def test_calibrate_round_trips_its_coefficients_through_pipeline_json(tmp_path: 
     written = json.loads((folder / "pipeline.json").read_text())
     assert {k: written[k] for k in record} == record  # other keys kept
     settings = resolve_settings(folder, step_cache="teacache")
-    assert settings.teacache_coefficients == written["teacache_coefficients"] and len(written["teacache_coefficients"]) == 3
+    coefficients = written["teacache_coefficients"]
+    assert settings.teacache_coefficients == coefficients and len(coefficients) == 3
     pipe = STDiTPipeline.from_pretrained(folder, step_cache="teacache", step_cache_threshold=1.0)
     pipe("a red circle", generator=torch.Generator().manual_seed(0), progress=False)
     assert pipe.cache_stats.calls["steps"] == 10

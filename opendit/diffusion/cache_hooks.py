@@ -76,7 +76,8 @@ class _Head(ModelHook):
     def __init__(self, config: CacheConfig, state: _StepState, stats: CacheStats, group, info):
         super().__init__()
         self.config, self.state, self.stats, self.group, self.info = config, state, stats, group, info
-        self.threshold = DEFAULT_THRESHOLDS.get(config.step_cache, 0.0) if config.threshold is None else config.threshold
+        default = DEFAULT_THRESHOLDS.get(config.step_cache, 0.0)
+        self.threshold = default if config.threshold is None else config.threshold
         coefficients = config.teacache_coefficients
         poly = np.poly1d(coefficients) if coefficients is not None else np.poly1d([1.0, 0.0])
         # A change is never negative: where the fitted polynomial dips below 0 it is outside its data (IDDPM's
