@@ -203,3 +203,24 @@ def test_lora_two_processes_resume_on_one(base, tmp_path):
     resumed = losses(run_dir(tmp_path / "resumed"))
     for step in (3, 4):
         assert resumed[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+
+
+def test_lora_trains_from_the_latent_cache_with_partial_checkpointing(base, tmp_path):
+    """LoRA over a latent cache (no encoders in the loop) with --grad_checkpoint_ratio 0.5: finite losses, only
+    adapters in the checkpoint, and the same adapter keys as training from the CSV."""
+    from opendit.data.prepare import main as prepare_main
+
+    common, flags = base["lora"], dict(zip(base["lora"][::2], base["lora"][1::2]))
+    cache = tmp_path / "cache"
+    assert prepare_main(["cache", "--data", flags["--data_path"], "--out", str(cache), "--vae_pretrained_path", "pixel",
+                         "--text_pretrained_path", flags["--text_pretrained_path"], "--num_frames", "4",
+                         "--image_size", "16", "16", "--frame_interval", "1", "--text_max_length", "8",
+                         "--dtype", "fp32", "--num_workers", "0"]) == 0
+    outputs = tmp_path / "out"
+    argv = [a if a != flags["--data_path"] else str(cache) for a in common]
+    assert train_mod.main(argv + ["--max_steps", "2", "--ckpt_every", "2", "--grad_checkpoint",
+                                  "--grad_checkpoint_ratio", "0.5", "--outputs", str(outputs)]) == 0
+    run = run_dir(outputs)
+    assert all(isinstance(loss, float) for loss in losses(run).values())
+    model_keys = dcp_keys(run / "epoch0-global_step2" / "model")
+    assert len(model_keys) == 2 * 9 * TINY["depth"] and all(".lora_" in k for k in model_keys)
