@@ -196,3 +196,48 @@ def test_unknown_cache_kind_names_the_choices():
     with pytest.raises(ValueError, match="needs the model's TeaCache coefficients"):
         with apply_caches(tiny_stdit(), CacheConfig(step_cache="teacache")):
             pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence parallelism: every rank takes the same decision (the metric is summed over the group)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _cached_sequence_parallel_sampling(rank: int, world: int) -> None:
+    import copy
+
+    from test_sequence_parallel import assert_close, inputs, tiny
+
+    from opendit.diffusion import IDDPM
+    from opendit.parallel.sequence import remove_sequence_parallel, setup_sequence_parallel_sampling
+
+    ref = tiny(class_dropout_prob=0.1, drop_path=0.0).eval()
+    model = copy.deepcopy(ref)
+    inp = inputs(B=1)
+    kwargs = dict(y=torch.cat([inp["y"], ref.y_embedder.y_embedding[None, None]]), mask=inp["mask"])
+    z = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    iddpm = IDDPM(num_sampling_steps=8, cfg_scale=4.0)
+    configs = [CacheConfig(pab=True, pab_window=(0, 1000))]
+    configs += [CacheConfig(step_cache=k, threshold=t, teacache_coefficients=TEACACHE)
+                for k in ("fbcache", "teacache") for t in (0.5, 1.0, 2.0, 4.0)]
+    tested = set()
+    for config in configs:
+        with apply_caches(ref, config) as expected_stats:
+            expected = iddpm.sample(ref, z, kwargs, progress=False, generator=torch.Generator().manual_seed(8))
+        kind_ = "pab" if config.pab else config.step_cache
+        if not 2 < sum(expected_stats.computed.values()) < sum(expected_stats.calls.values()):
+            continue  # only thresholds that skip some steps and compute others test the shared decision
+        tested.add(kind_)
+        for kind in ("dsp", "ulysses"):
+            setup_sequence_parallel_sampling(model, world, kind)
+            with apply_caches(model, config) as stats:
+                video = iddpm.sample(model, z, kwargs, progress=False, generator=torch.Generator().manual_seed(8))
+            assert stats.computed == expected_stats.computed and stats.calls == expected_stats.calls, kind
+            assert_close(video, expected, f"{kind} with {config}")
+            remove_sequence_parallel(model)
+    assert tested == {"pab", "fbcache", "teacache"}
+
+
+def test_caches_under_sequence_parallelism_match_one_process():
+    from test_sequence_parallel import spawn
+
+    spawn(_cached_sequence_parallel_sampling, 2)
