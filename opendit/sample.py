@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SampleConfig, argv, prog="opendit sample", description="Sample videos from text prompts.")
     try:
         sample_main(cfg)
-    except USER_ERRORS as e:
+    except USER_ERRORS as e:  # bad input: exit 2, as argparse (and `opendit prepare`) do for bad flags
         print(f"opendit sample: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

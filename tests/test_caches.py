@@ -185,7 +185,7 @@ def test_bad_cache_values_are_one_line_naming_the_flag(tmp_path: Path, capsys, f
     tiny_stdit().save_pretrained(folder)
     (folder / "pipeline.json").write_text(json.dumps({"text_encoder": "minilm", "vae": "pixel", "text_max_length": 4}))
     out = tmp_path / "out"
-    assert sample_main(["--model_pretrained_path", str(folder), "--prompt", "x", "--save_dir", str(out), *flags]) == 1
+    assert sample_main(["--model_pretrained_path", str(folder), "--prompt", "x", "--save_dir", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
 

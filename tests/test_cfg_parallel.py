@@ -60,7 +60,7 @@ def test_wrong_process_counts_are_one_line(tmp_path, capsys):
     check_cfg_parallel_world(2)
     out = tmp_path / "out"
     try:
-        assert main(["--prompt", "a red circle", "--cfg_parallel", "--save_dir", str(out)]) == 1
+        assert main(["--prompt", "a red circle", "--cfg_parallel", "--save_dir", str(out)]) == 2
     finally:
         if dist.is_initialized():  # the group of one that sample_main made
             dist.destroy_process_group()

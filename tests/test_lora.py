@@ -171,7 +171,7 @@ def test_sample_flags_bad_scale_and_count(base, tmp_path, capsys):
         sample_main(["--prompt", "x", "--lora", "a", "--lora_scale", "big"])
     assert "--lora_scale" in capsys.readouterr().err
     assert sample_main(["--model_pretrained_path", str(base["folder"]), "--prompt", "x", "--lora", "a", "b",
-                        "--lora_scale", "1", "--save_dir", str(tmp_path / "s")]) == 1
+                        "--lora_scale", "1", "--save_dir", str(tmp_path / "s")]) == 2
     assert "--lora_scale" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 

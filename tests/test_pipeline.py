@@ -111,9 +111,9 @@ def one_error_line(stderr: str, message: str) -> bool:
     (["--dtype", "fp8"], "unknown dtype 'fp8'"),
 ])
 def test_cli_bad_flag_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
-    """The bundled model: each bad flag ends in one line naming it, exit 1, no output folder."""
+    """The bundled model: each bad flag ends in one line naming it, exit 2, no output folder."""
     out = tmp_path / "out"
-    assert main(["--prompt", "a red circle", "--save_dir", str(out), *flags]) == 1
+    assert main(["--prompt", "a red circle", "--save_dir", str(out), *flags]) == 2
     assert one_error_line(capsys.readouterr().err, message)
     assert not out.exists()
 
@@ -121,11 +121,11 @@ def test_cli_bad_flag_is_one_line_and_writes_nothing(tmp_path, capsys, flags, me
 def test_cli_device_cuda_without_cuda_and_missing_components(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only build (issue 25)
-    assert main(["--prompt", "a red circle", "--device", "cuda", "--save_dir", str(out)]) == 1
+    assert main(["--prompt", "a red circle", "--device", "cuda", "--save_dir", str(out)]) == 2
     assert one_error_line(capsys.readouterr().err, "--device cuda: this PyTorch sees no CUDA GPU")
     torch.save({}, tmp_path / "released.pth")  # released weights record no encoders
     assert main(["--prompt", "a red circle", "--model_pretrained_path", str(tmp_path / "released.pth"),
-                 "--save_dir", str(out)]) == 1
+                 "--save_dir", str(out)]) == 2
     assert one_error_line(capsys.readouterr().err, "--text_pretrained_path is required")
     assert not out.exists()
 
@@ -239,7 +239,7 @@ def test_run_checkpoint_pipeline_and_flags_over_the_run(run_checkpoint, tmp_path
 def test_a_flag_contradicting_the_run_is_one_line(run_checkpoint, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
     assert main(["--model_pretrained_path", str(run_checkpoint), "--prompt", "a ball", "--save_dir", str(out),
-                 *flags]) == 1
+                 *flags]) == 2
     assert one_error_line(capsys.readouterr().err, message)
     assert not out.exists()
 
@@ -258,7 +258,7 @@ def test_prompt_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("a red circle\nun cercle bleu \xe9l\xe9gant\n".encode("latin-1"))
-    assert main(["--prompt_path", str(prompts), "--save_dir", str(tmp_path / "out")]) == 1
+    assert main(["--prompt_path", str(prompts), "--save_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{prompts}:2" in err and "utf-8" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()

@@ -210,7 +210,7 @@ def test_cli_flags_and_their_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's choices: exit 2
         main([*base, "--scheduler", "euler"])
     assert e.value.code == 2 and "invalid choice: 'euler'" in capsys.readouterr().err
-    assert main([*base, "--scheduler", "ddim", "--ddim_eta", "2"]) == 1
+    assert main([*base, "--scheduler", "ddim", "--ddim_eta", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("--ddim_eta must be a number in [0, 1], got 2.0") and "Traceback" not in err
     assert not out.exists()
