@@ -48,8 +48,11 @@ logger = logging.getLogger("opendit")
 
 
 @dataclass
-class SampleConfig:
-    model: str = field(default="STDiT-XL/2", metadata={"help": "size preset used for a released .pth checkpoint"})
+class ModelFlags:
+    """The flags that choose a model and its sampling defaults, shared by `opendit sample` and `opendit app`
+    (one source of each: `model_settings` turns them into SamplingSettings keywords; None means "not given")."""
+    model: str | None = field(default=None, metadata={
+        "help": "size preset used for released .pth weights (default STDiT-XL/2)"})
     model_pretrained_path: str | None = field(default=None, metadata={
         "help": "a model folder (config.json, pipeline.json), a checkpoint of an opendit training run (its "
                 "epochE-global_stepS folder or ema.pt: settings from the run's config.yaml), or released weights "
@@ -74,6 +77,19 @@ class SampleConfig:
         "help": "denoising steps (default: the model folder's, else 100)"})
     scheduler_cfg_scale: float | None = field(default=None, metadata={
         "help": "classifier-free guidance scale (default: the model folder's, else 7.0)"})
+    device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda if available)"})
+
+    def model_settings(self) -> dict:
+        """These flags as `SamplingSettings` keywords (None: not given; the model's or the defaults table's)."""
+        return dict(model_preset=self.model, text_encoder=self.text_pretrained_path, vae=self.vae_pretrained_path,
+                    text_max_length=self.text_max_length, image_size=self.image_size, num_frames=self.num_frames,
+                    fps=self.fps, num_sampling_steps=self.scheduler_num_sampling_steps,
+                    cfg_scale=self.scheduler_cfg_scale, space_scale=self.model_space_scale,
+                    time_scale=self.model_time_scale, device=self.device, dtype=self.dtype)
+
+
+@dataclass
+class SampleConfig(ModelFlags):
     cfg_channels: int | None = field(default=None, metadata={
         "help": "guide only the first N eps channels (3 reproduces the original exactly); default all"})
     prediction_type: str | None = field(default=None, metadata={
@@ -86,7 +102,6 @@ class SampleConfig:
     prompt: list[str] | None = field(default=None, metadata={"help": "prompt(s) to sample"})
     prompt_path: str | None = field(default=None, metadata={"help": "text file, one prompt per line"})
     gif: bool = field(default=True, metadata={"help": "also write a .gif preview next to each .mp4"})
-    device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda if available)"})
     enable_flashattn: bool | None = field(default=None, metadata={"help": "prefer SDPA flash/cuDNN attention"})
     enable_layernorm_kernel: bool | None = field(default=None, metadata={"help": "fused LayerNorm kernel"})
     enable_modulate_kernel: bool | None = field(default=None, metadata={"help": "fused LayerNorm+modulate kernel"})
@@ -159,17 +174,13 @@ def lora_scales(cfg: SampleConfig) -> list[tuple[str, float]]:
 def settings_from_config(cfg: SampleConfig, device: torch.device | None = None) -> SamplingSettings:
     """The flags over what the model records (pipeline.json / the run's config.yaml) over the defaults table;
     checked, errors naming the flags. ``device``: the one torchrun gave this process (overrides --device)."""
+    flags = {**cfg.model_settings(), "device": device if device is not None else cfg.device}
     return resolve_settings(
-        cfg.model_pretrained_path, names=FLAG_NAMES, model_preset=cfg.model, text_encoder=cfg.text_pretrained_path,
-        vae=cfg.vae_pretrained_path, text_max_length=cfg.text_max_length, image_size=cfg.image_size,
-        num_frames=cfg.num_frames, fps=cfg.fps, num_sampling_steps=cfg.scheduler_num_sampling_steps,
-        scheduler=cfg.scheduler, ddim_eta=cfg.ddim_eta,
+        cfg.model_pretrained_path, names=FLAG_NAMES, **flags, scheduler=cfg.scheduler, ddim_eta=cfg.ddim_eta,
         pab=cfg.pab, pab_spatial_range=cfg.pab_spatial_range, pab_temporal_range=cfg.pab_temporal_range,
         pab_cross_range=cfg.pab_cross_range, pab_window=cfg.pab_window, step_cache=cfg.step_cache,
-        step_cache_threshold=cfg.step_cache_threshold,
-        cfg_scale=cfg.scheduler_cfg_scale, cfg_channels=cfg.cfg_channels, prediction_type=cfg.prediction_type,
-        space_scale=cfg.model_space_scale, time_scale=cfg.model_time_scale, batch_size=cfg.batch_size,
-        device=device if device is not None else cfg.device, dtype=cfg.dtype)
+        step_cache_threshold=cfg.step_cache_threshold, cfg_channels=cfg.cfg_channels,
+        prediction_type=cfg.prediction_type, batch_size=cfg.batch_size)
 
 
 def encode_prompts(settings: SamplingSettings, batches: list[list[str]], speedup: bool) -> tuple[list[dict], int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opendit.app.generate import Result, VideoGenerator, read_sidecar
+from opendit.sample import ModelFlags
 
 __all__ = ["AppConfig", "Result", "VideoGenerator", "load_generator", "main", "read_sidecar"]
 
@@ -24,25 +25,8 @@ INSTALL_HINT = "opendit app: gradio is not installed; install the app extra: pip
 
 
 @dataclass
-class AppConfig:
-    model_pretrained_path: str | None = field(default=None, metadata={
-        "help": "a model folder, a checkpoint of an opendit training run, or released weights (as for opendit "
-                "sample); default: the bundled demo model"})
-    text_pretrained_path: str | None = field(default=None, metadata={
-        "help": "text encoder folder (T5) or 'minilm'; default: the model's"})
-    vae_pretrained_path: str | None = field(default=None, metadata={
-        "help": "AutoencoderKL folder or 'pixel'; default: the model's"})
-    model: str | None = field(default=None, metadata={"help": "size preset of released weights (default STDiT-XL/2)"})
-    text_max_length: int | None = field(default=None, metadata={"help": "text tokens (default: the model's)"})
-    model_space_scale: float | None = field(default=None, metadata={"help": "spatial pos-embed scale"})
-    model_time_scale: float | None = field(default=None, metadata={"help": "temporal pos-embed scale"})
-    image_size: tuple[int, int] | None = field(default=None, metadata={"help": "the page's default H W"})
-    num_frames: int | None = field(default=None, metadata={"help": "the page's default frame count"})
-    fps: int | None = field(default=None, metadata={"help": "frames per second of the videos"})
-    scheduler_num_sampling_steps: int | None = field(default=None, metadata={"help": "the page's default steps"})
-    scheduler_cfg_scale: float | None = field(default=None, metadata={"help": "the page's default guidance"})
-    dtype: str | None = field(default=None, metadata={"help": "fp16 | bf16 | fp32 (default fp16 on GPU, fp32 on CPU)"})
-    device: str | None = field(default=None, metadata={"help": "cuda | cpu (default: cuda if available)"})
+class AppConfig(ModelFlags):
+    """`opendit sample`'s model flags (the page's defaults come from them and the model) plus the serving ones."""
     host: str = field(default="127.0.0.1", metadata={"help": "address to serve on (0.0.0.0: every interface)"})
     port: int = field(default=7860, metadata={"help": "port to serve on"})
     share: bool = field(default=False, metadata={"help": "also serve through a public gradio.live link"})
@@ -65,12 +49,7 @@ def load_generator(cfg: AppConfig) -> VideoGenerator:
     """The pipeline `cfg` names (loaded once), wrapped for the app."""
     from opendit.pipeline import STDiTPipeline
 
-    pipe = STDiTPipeline.from_pretrained(
-        cfg.model_pretrained_path, device=cfg.device, dtype=cfg.dtype, model_preset=cfg.model,
-        text_encoder=cfg.text_pretrained_path, vae=cfg.vae_pretrained_path, text_max_length=cfg.text_max_length,
-        space_scale=cfg.model_space_scale, time_scale=cfg.model_time_scale, image_size=cfg.image_size,
-        num_frames=cfg.num_frames, fps=cfg.fps, num_sampling_steps=cfg.scheduler_num_sampling_steps,
-        cfg_scale=cfg.scheduler_cfg_scale)
+    pipe = STDiTPipeline.from_pretrained(cfg.model_pretrained_path, **cfg.model_settings())
     return VideoGenerator(pipe, cfg.output_dir)
 
 
